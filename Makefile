@@ -1,0 +1,60 @@
+# The whole set-up on a fresh machine is `make book` (install, data, train+evaluate under the cpu profile,
+# render the book) and `make test` (ruff + pytest, unit tests and notebooks through nbval).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.installed-stamp
+PROFILE ?= cpu
+DATA ?= data
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+EXECUTED := $(patsubst notebooks/%,book/%,$(NOTEBOOKS))
+export PYTHONHASHSEED := 0
+
+.PHONY: all install book data notebooks html test lint format reproduce bench clean
+
+all: book
+
+# (Re)install into .venv when it is missing or pyproject.toml changed.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+data: $(STAMP)
+	$(PY) -m trustmae_lib data synthetic --profile $(PROFILE) --out $(DATA)/$(PROFILE)/synthetic
+	$(PY) -m trustmae_lib data elpv --profile $(PROFILE) --out $(DATA)/$(PROFILE)/elpv
+
+# Each chapter runs with papermill under $(PROFILE) into book/ (executed copies are build products).
+book/%.ipynb: notebooks/%.ipynb $(STAMP)
+	@mkdir -p book
+	$(BIN)/papermill --cwd notebooks --progress-bar -k python3 $< $@.partial.ipynb -p profile $(PROFILE)
+	@mv $@.partial.ipynb $@
+
+notebooks: $(EXECUTED)
+
+html: $(STAMP)
+	$(BIN)/jupyter-book build . --warningiserror --keep-going
+
+book: install data notebooks html
+	@echo "Book: $(CURDIR)/_build/html/index.html"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check trustmae_lib tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format trustmae_lib tests benchmarks
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q -p no:cacheprovider tests
+	$(BIN)/pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env notebooks
+
+clean:
+	rm -rf _build book/[0-9][0-9]_*.ipynb

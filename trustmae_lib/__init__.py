@@ -1,0 +1,2 @@
+"""TrustMAE reproduced."""
+__version__ = "0.1.0"

@@ -1,0 +1,8 @@
+"""``python -m trustmae_lib ...`` -- see :mod:`trustmae_lib.cli`."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Command line: ``python -m trustmae_lib <command> ...`` (also installed as ``trustmae``).
+
+Each command is a function that adds its sub-parser and sets ``func``; it is registered in
+:data:`COMMANDS` with :func:`command`, so later commands (train, evaluate, score, sweep) are one function
+each. Every :class:`~trustmae_lib.errors.TrustMAEError` is caught in :func:`main`: it prints
+``error: <message>`` on stderr and returns 2, without a traceback.
+
+Example:
+    $ python -m trustmae_lib data synthetic --profile cpu --out data/cpu/synthetic
+    $ python -m trustmae_lib data info data/cpu/synthetic
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import TrustMAEError
+
+#: ``name -> register(subparsers)``; ``register`` adds ``subparsers.add_parser(name, ...)`` with ``func`` set.
+COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {}
+
+
+def command(name: str):
+    """Decorator: register a sub-command's parser builder under ``name``."""
+
+    def wrap(register: Callable[[argparse._SubParsersAction], None]):
+        COMMANDS[name] = register
+        return register
+
+    return wrap
+
+
+def _add_profile(parser: argparse.ArgumentParser, default: str = "cpu") -> None:
+    text = f"profile name (smoke, cpu, paper) or a YAML file (default: {default})"
+    parser.add_argument("--profile", default=default, help=text)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _data_build(args: argparse.Namespace) -> int:
+    from . import elpv, synthetic
+    from .config import load_profile
+    from .data import dataset_root
+
+    profile = load_profile(args.profile)
+    out = Path(args.out) if args.out else dataset_root(args.dataset, profile)
+    if args.dataset == "synthetic":
+        current = synthetic.is_current(out, profile, args.seed, args.categories)
+        build = lambda: synthetic.generate_synthetic(out, profile, args.seed, args.categories)  # noqa: E731
+    else:
+        current = elpv.is_current(out, profile, args.seed)
+        build = lambda: elpv.write_elpv(out, profile, args.seed)  # noqa: E731
+    if current and not args.force:
+        print(f"{args.dataset} dataset in {out} is up to date (profile {profile.name}, seed {args.seed})")
+        return 0
+    root = build()
+    print(f"wrote {args.dataset} dataset to {root} (profile {profile.name}, seed {args.seed})")
+    return 0
+
+
+def _data_info(args: argparse.Namespace) -> int:
+    from .data import describe
+
+    rows = describe(args.root)
+    cols = (
+        "category",
+        "train_good",
+        "test_good",
+        "test_defective",
+        "masks",
+        "fixed_orientation",
+        "defect_types",
+    )
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip())
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip())
+    return 0
+
+
+@command("data")
+def _register_data(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "data",
+        help="build an embedded dataset or describe a dataset folder",
+        description="Build the embedded datasets (MVTec AD layout) or list a dataset.",
+    )
+    inner = parser.add_subparsers(dest="dataset", metavar="{synthetic,elpv,info}", required=True)
+    builders = {
+        "synthetic": "texture photos and a drawn object with painted defects and masks",
+        "elpv": "real solar-cell EL images (elpv-dataset, CC BY-NC-SA 4.0), image labels",
+    }
+    for name, text in builders.items():
+        p = inner.add_parser(name, help=text, description=f"Write the {name} dataset: {text}.")
+        p.add_argument("--out", help="dataset root to write (default: <data dir>/<profile>/" + name + ")")
+        _add_profile(p)
+        p.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
+        p.add_argument("--force", action="store_true", help="rebuild even if an identical dataset exists")
+        if name == "synthetic":
+            p.add_argument(
+                "--categories", nargs="+", metavar="CAT", help="subset of brick grass gravel widget"
+            )
+        p.set_defaults(func=_data_build)
+    p = inner.add_parser("info", help="list the categories of a dataset folder and their counts")
+    p.add_argument("root", help="dataset root in MVTec AD layout")
+    p.set_defaults(func=_data_info)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train / evaluate / score
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _spec_from_args(args: argparse.Namespace):
+    from .config import RunSpec
+    from .data import EMBEDDED_DATASETS
+
+    try:
+        ratio = float(args.noise_ratio)
+    except ValueError:
+        raise TrustMAEError(f"noise ratio {args.noise_ratio!r} is not a number; pass e.g. 0.1 for 10 %") from None
+    dataset = args.dataset
+    if dataset not in EMBEDDED_DATASETS:
+        path = Path(dataset).expanduser()
+        if not path.is_dir():
+            raise TrustMAEError(f"dataset {dataset!r} is neither 'synthetic', 'elpv' nor an existing folder; pass an "
+                                "embedded name or a folder in MVTec AD layout")  # fmt: skip
+        dataset = str(path.resolve())  # one spelling per folder, so the config hash is stable
+    return RunSpec(dataset=dataset, category=args.category, noise_ratio=ratio, protocol=args.protocol,
+                   method=args.method, profile=args.profile, seed=args.seed, backbone=args.backbone or "",
+                   steps=args.steps)  # fmt: skip
+
+
+def _train(args: argparse.Namespace) -> int:
+    import os
+
+    from .train import TrainingInterrupted, train
+
+    spec = _spec_from_args(args)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    try:
+        run_dir = train(spec, args.out, resume=args.resume, progress=not args.no_progress, device=args.device)
+    except TrainingInterrupted as stop:
+        print(f"interrupted: {stop}", file=sys.stderr)
+        return 130
+    if main_rank:
+        print(f"trained {spec.method} on {Path(spec.dataset).name}/{spec.category}: {run_dir}")
+        if args.evaluate:
+            from .evaluate import evaluate, format_result
+
+            print(format_result(evaluate(run_dir, device=args.device)))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, format_result
+
+    result = evaluate(args.run_dir, variants=args.variants, device=args.device, batch_size=args.batch_size)
+    print(format_result(result))
+    print(f"wrote {Path(args.run_dir) / 'result.json'}")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from .evaluate import score_files
+
+    out = Path(args.out) if args.out else Path(args.run_dir) / "scored"
+    path = score_files(args.run_dir, args.path, out, variant=args.variant, device=args.device)
+    print(f"wrote {path} and heat-map overlays to {out}")
+    return 0
+
+
+@command("train")
+def _register_train(sub: argparse._SubParsersAction) -> None:
+    from .config import METHODS, PROTOCOLS
+
+    p = sub.add_parser("train", help="train one run (TrustMAE, an ablation or a baseline)",
+                       description="Train one run into <out>/<run name>-<config hash>/ (checkpoint, log.csv, "
+                                   "manifest.json). Works under torchrun for DDP.")  # fmt: skip
+    p.add_argument("--dataset", default="synthetic", help="'synthetic', 'elpv' or a folder in MVTec AD layout")
+    p.add_argument("--category", default="brick", help="category folder name (default: brick)")
+    p.add_argument("--noise-ratio", default="0.0", help="defective fraction of the training set, 0..0.9 (default 0)")
+    p.add_argument("--protocol", default="overlap", choices=PROTOCOLS, help="noise protocol (default: overlap)")
+    p.add_argument("--method", default="trustmae", choices=METHODS, help="what to train (default: trustmae)")
+    _add_profile(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise draw and the training (default: 0)")
+    p.add_argument("--backbone", default="", help="perceptual backbone override: vgg19 or efficientnet_lite0")
+    p.add_argument("--steps", type=int, default=0, help="training steps override (default: the profile's)")
+    p.add_argument("--out", default="runs", help="parent folder of the run folders (default: runs)")
+    p.add_argument("--resume", action="store_true", help="continue the run's checkpoint")
+    p.add_argument("--evaluate", action="store_true", help="evaluate right after training (writes result.json)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+
+@command("evaluate")
+def _register_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="score a trained run's test set and write result.json",
+                       description="Image / pixel ROC AUC per scoring variant, a threshold fitted on training "
+                                   "scores, precision / recall / F1; writes RUN_DIR/result.json.")  # fmt: skip
+    p.add_argument("run_dir", help="a run folder written by 'train'")
+    p.add_argument("--variants", nargs="+", metavar="V",
+                   help="perceptual pixel global (TrustMAE) or residual (baselines); default: all")  # fmt: skip
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: CUDA if available)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+    p.set_defaults(func=_evaluate)
+
+
+@command("score")
+def _register_score(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="score an image or a folder of images with a trained run",
+                       description="Writes scores.csv and <stem>_overlay.png heat maps into --out.")  # fmt: skip
+    p.add_argument("run_dir", help="a run folder written by 'train'")
+    p.add_argument("path", help="an image file or a folder of images")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/scored)")
+    p.add_argument("--variant", default=None, help="scoring variant (default: perceptual / residual)")
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: CUDA if available)")
+    p.set_defaults(func=_score)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# entry point
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trustmae", description="TrustMAE (WACV 2021) reproduced.")
+    parser.add_argument("--version", action="version", version=f"trustmae_lib {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}", required=True)
+    for register in COMMANDS.values():
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 user error)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error (argparse printed it)
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return int(args.func(args) or 0)
+    except TrustMAEError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

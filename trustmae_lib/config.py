@@ -1,0 +1,192 @@
+"""Run profiles (DESIGN §7): one place for sizes, steps and widths.
+
+A profile is a flat set of scalars read from ``configs/<name>.yaml`` with ``yaml.safe_load`` and checked against
+:class:`Profile`'s fields: an unknown key or a value of the wrong type is a one-line :class:`TrustMAEError`
+naming the key. Notebooks and the CLI never hard-code epochs or sizes; they call :func:`load_profile`.
+
+Example:
+    >>> p = load_profile("smoke")
+    >>> p.image_size % 32
+    0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from .errors import TrustMAEError
+
+#: The repository's ``configs/`` folder (profiles ship with the checkout).
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PROFILES = ("smoke", "cpu", "paper")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Every size a run depends on. Defaults are the ``smoke`` profile."""
+
+    name: str = "smoke"
+    # --- data -------------------------------------------------------------------------------------------------
+    image_size: int = 64  # model input side; must be a multiple of 32 (five stride-2 stages, Table 1)
+    synthetic_size: int = 64  # side of the images the synthetic generator writes to disk
+    synthetic_train: int = 12  # normal training images per synthetic category
+    synthetic_test_good: int = 6
+    synthetic_test_defect: int = 6  # per category, spread over the defect types
+    elpv_max_per_class: int = 24  # cap on images per (category, label) taken from elpv; 0 = all
+    # --- model ------------------------------------------------------------------------------------------------
+    width: float = 0.125  # channel multiplier; 1.0 is exactly supplement Table 1
+    memory_slots: int = 32  # M (reading: not given in the supplement)
+    memory_topk: int = 4  # sparse addressing: slots kept per location (reading)
+    memory_temperature: float = 0.1  # softmax temperature of cosine addressing (reading)
+    memory_init: str = (
+        "features"  # TrustMAE slots at step 0: "features" (random encoder features) or "uniform"
+    )
+    backbone: str = (
+        "efficientnet_lite0"  # perceptual backbone: "vgg19" (paper) or "efficientnet_lite0" (offline)
+    )
+    # --- training ---------------------------------------------------------------------------------------------
+    batch_size: int = 4
+    steps: int = 4
+    lr: float = 2e-4
+    lr_disc: float = 2e-4
+    log_every: int = 1
+    checkpoint_every: int = 0  # 0 = only at the end
+    # --- evaluation -------------------------------------------------------------------------------------------
+    seeds: int = 1
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """Short stable hash of the profile (part of every run's config hash)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def replace(self, **changes) -> Profile:
+        return _build(self.name, {**self.to_dict(), **changes}, source="override")
+
+
+def _build(name: str, raw: dict, source: str) -> Profile:
+    known = {f.name: f for f in fields(Profile)}
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise TrustMAEError(f"{source}: unknown key '{key}'{hint}; allowed keys: {', '.join(known)}")
+        want = type(Profile.__dataclass_fields__[key].default)
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise TrustMAEError(
+                f"{source}: key '{key}' must be {want.__name__}, got {type(value).__name__} {value!r}"
+            )
+        values[key] = value
+    values.setdefault("name", name)
+    profile = Profile(**values)
+    if profile.image_size % 32:
+        raise TrustMAEError(
+            f"{source}: image_size {profile.image_size} must be a multiple of 32 (Table 1 has "
+            "five stride-2 stages); use e.g. 64, 128 or 256"
+        )
+    if not 0 < profile.width <= 4:
+        raise TrustMAEError(f"{source}: width {profile.width} must be in (0, 4]; 1.0 is supplement Table 1")
+    if profile.memory_init not in ("features", "uniform"):
+        raise TrustMAEError(
+            f"{source}: memory_init must be 'features' or 'uniform', got {profile.memory_init!r}"
+        )
+    if not 1 <= profile.memory_topk <= profile.memory_slots:
+        raise TrustMAEError(
+            f"{source}: memory_topk must be between 1 and memory_slots ({profile.memory_slots})"
+        )
+    return profile
+
+
+def load_profile(name_or_path: str | Path = "smoke", **overrides) -> Profile:
+    """Load a profile by name (``smoke``, ``cpu``, ``paper``) or from a YAML file path.
+
+    Args:
+        name_or_path: profile name in ``configs/`` or a path to a YAML file.
+        **overrides: field values that replace the file's (e.g. ``steps=10``).
+    """
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise TrustMAEError(
+                f"unknown profile '{name_or_path}'; choose one of {', '.join(PROFILES)} or pass a YAML file path"
+            )
+    if not path.is_file():
+        raise TrustMAEError(
+            f"profile file {path} does not exist; pass an existing YAML file or a profile name"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise TrustMAEError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
+    if not isinstance(raw, dict):
+        raise TrustMAEError(f"{path}: expected a mapping of key: value, got {type(raw).__name__}")
+    return _build(path.stem, {**raw, **overrides}, source=str(path))
+
+
+#: Methods the harness trains. Scoring variants (w/o PD, w/o SP) reuse the trained models and are not methods.
+METHODS = ("trustmae", "trustmae_no_tr", "memae", "ae_l2", "ae_ssim")
+PROTOCOLS = ("overlap", "disjoint")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run: what to train on, how, under which profile and seed.
+
+    Its :meth:`config_hash` (with the profile's values folded in) keys result files and checkpoints, so a changed
+    profile or spec never reuses a stale result.
+    """
+
+    dataset: str = "synthetic"  # embedded dataset name ("synthetic", "elpv") or a folder in MVTec AD layout
+    category: str = "brick"
+    noise_ratio: float = 0.0
+    protocol: str = "overlap"
+    method: str = "trustmae"
+    profile: str = "smoke"
+    seed: int = 0
+    backbone: str = ""  # "" -> the profile's backbone
+    steps: int = 0  # 0 -> the profile's steps
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            close = difflib.get_close_matches(self.method, METHODS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise TrustMAEError(f"unknown method '{self.method}'{hint}; choose one of {', '.join(METHODS)}")
+        if self.protocol not in PROTOCOLS:
+            raise TrustMAEError(
+                f"unknown noise protocol '{self.protocol}'; choose one of {', '.join(PROTOCOLS)}"
+            )
+        if not 0.0 <= float(self.noise_ratio) <= 0.9:
+            raise TrustMAEError(f"noise ratio {self.noise_ratio} is outside [0, 0.9]; pass e.g. 0.1 for 10 %")
+
+    def load_profile(self) -> Profile:
+        overrides = {}
+        if self.backbone:
+            overrides["backbone"] = self.backbone
+        if self.steps:
+            overrides["steps"] = self.steps
+        return load_profile(self.profile, **overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def config_hash(self) -> str:
+        """Hash of the spec *and* the resolved profile values (12 hex digits)."""
+        blob = json.dumps({"spec": self.to_dict(), "profile": self.load_profile().to_dict()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def run_name(self) -> str:
+        noise = f"n{round(self.noise_ratio * 100):02d}"
+        return f"{self.dataset}-{self.category}-{noise}-{self.protocol}-{self.method}-{self.profile}-s{self.seed}"

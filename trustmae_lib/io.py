@@ -1,0 +1,55 @@
+"""Atomic file writing: a kill or a crash never leaves half a file behind.
+
+Everything the project writes that a later step reads (results, manifests, checkpoints, dataset files) goes
+through :func:`atomic_write` -- write to a temporary file in the same folder, ``fsync``, then ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "wb") -> Iterator:
+    """Open a temporary sibling of ``path`` for writing; on success rename it onto ``path``.
+
+    On any exception the temporary file is removed and ``path`` is left as it was.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "x.txt"
+        >>> with atomic_write(p, "w") as f:
+        ...     _ = f.write("hello")
+        >>> p.read_text()
+        'hello'
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | Path, data, indent: int = 2) -> Path:
+    """Atomically write ``data`` as pretty, key-sorted JSON (stable bytes for the same data)."""
+    with atomic_write(path, "w") as handle:
+        json.dump(data, handle, indent=indent, sort_keys=True, default=str)
+        handle.write("\n")
+    return Path(path)
+
+
+def read_json(path: str | Path):
+    return json.loads(Path(path).read_text())
