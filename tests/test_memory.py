@@ -142,3 +142,15 @@ def test_bad_configuration(kwargs):
 def test_wrong_feature_channels():
     with pytest.raises(TrustMAEError, match="dim"):
         MemoryModule(num_slots=10, dim=4)(torch.randn(1, 5, 2, 2))
+
+
+def test_topk_unselected_slots_get_exactly_zero_gradient():
+    # A full softmax followed by top-k would leak ~1e-9 of gradient to every slot, which Adam amplifies.
+    torch.manual_seed(0)
+    module = MemoryModule(16, 8, addressing="topk", topk=3)
+    out = module(torch.randn(2, 8, 2, 2))
+    out.read.square().sum().backward()
+    used = (out.weights.reshape(-1, 16) > 0).any(0)
+    assert (~used).any()
+    assert torch.count_nonzero(module.memory.grad[~used]) == 0
+    assert module.memory.grad[used].abs().sum() > 0

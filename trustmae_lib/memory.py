@@ -94,10 +94,14 @@ def address(
     if keep_grad is not None:
         sim_detached = similarity_to_slots(queries, memory.detach(), similarity)
         sim = torch.where(keep_grad[:, None], sim, sim_detached)
-    weights = torch.softmax(sim / temperature, dim=-1)  # (N, M)
     if addressing == "topk":
-        weights = keep_topk(weights, topk, eps)
-    elif addressing == "shrink":
+        # Softmax over the k most similar slots only: the same weights as a full softmax followed by
+        # `keep_topk`, but the other slots get exactly zero gradient (a full softmax leaks ~1e-9 to them,
+        # which Adam's normalisation would amplify into real updates).
+        values, index = sim.topk(topk, dim=-1)  # (N, k)
+        return torch.zeros_like(sim).scatter(-1, index, torch.softmax(values / temperature, dim=-1)), sim
+    weights = torch.softmax(sim / temperature, dim=-1)  # (N, M)
+    if addressing == "shrink":
         weights = F.normalize(hard_shrink(weights, shrink_threshold, eps), p=1, dim=-1, eps=eps)
     return weights, sim
 
