@@ -1,0 +1,108 @@
+"""Sweep bookkeeping: grid, skip-finished, failures recorded and retried, shards, atomic result files."""
+
+import json
+
+import pytest
+
+from trustmae_lib import evaluate as evaluate_mod
+from trustmae_lib import sweep
+from trustmae_lib import train as train_mod
+from trustmae_lib.errors import TrustMAEError
+
+
+@pytest.fixture()
+def config(tmp_path):
+    path = tmp_path / "sweep_test.yaml"
+    path.write_text(
+        "profile: smoke\n"
+        "datasets:\n  synthetic: [brick, widget]\n"
+        "methods: [ae_l2, trustmae]\n"
+        "noise_ratios: [0.0, 0.2]\n"
+        "seeds: [0]\n"
+        f"results: {tmp_path / 'results'}\n"
+        f"runs: {tmp_path / 'runs'}\n"
+    )
+    return sweep.load_sweep(path)
+
+
+@pytest.fixture()
+def fake_runs(monkeypatch):
+    """Replace training and evaluation by instant fakes that record which cells ran."""
+    calls = []
+
+    def fake_train(spec, out_dir, progress=True):
+        calls.append(spec)
+        if spec.category == "widget" and spec.method == "trustmae" and spec.noise_ratio == 0.2:
+            raise TrustMAEError("loss term 'vgg' is nan at step 3")
+        return out_dir / spec.run_name()
+
+    def fake_evaluate(run_dir, device=None, spec=None):
+        return {"config_hash": spec.config_hash(), "method": spec.method, "metrics": {"auc": 0.5}}
+
+    monkeypatch.setattr(train_mod, "load_or_train", fake_train)
+    monkeypatch.setattr(evaluate_mod, "evaluate", fake_evaluate)
+    return calls
+
+
+def test_grid_is_the_full_product_in_stable_order(config):
+    grid = config.grid()
+    assert len(grid) == 2 * 2 * 2 * 1
+    assert len({s.config_hash() for s in grid}) == len(grid)
+    assert grid == sweep.load_sweep(config.results_dir.parent / "sweep_test.yaml").grid()
+
+
+def test_failure_is_recorded_and_does_not_stop_the_others(config, fake_runs):
+    summary = sweep.run_sweep(config, progress=False)
+    assert summary["total"] == 8 and summary["done"] == 7 and len(summary["failed"]) == 1
+    assert len(list(config.results_dir.glob("*.json"))) == 7
+    failed = list((config.results_dir / "failed").glob("*.json"))
+    assert len(failed) == 1 and "nan" in json.loads(failed[0].read_text())["error"]
+
+
+def test_rerun_skips_finished_cells_and_retries_failed_ones(config, fake_runs):
+    sweep.run_sweep(config, progress=False)
+    fake_runs.clear()
+    summary = sweep.run_sweep(config, progress=False)
+    assert summary["skipped"] == 7 and len(fake_runs) == 1  # only the failed cell is tried again
+    assert fake_runs[0].category == "widget" and fake_runs[0].noise_ratio == 0.2
+
+
+def test_stale_result_is_recomputed(config, fake_runs):
+    sweep.run_sweep(config, progress=False)
+    path = sorted(config.results_dir.glob("*.json"))[0]
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "config_hash": "000000000000"}))
+    fake_runs.clear()
+    sweep.run_sweep(config, progress=False)
+    assert len(fake_runs) == 2  # the stale cell and the failing one
+
+
+def test_shards_partition_the_grid(config):
+    grid = config.grid()
+    shards = [sweep.select(grid, (i, 3)) for i in range(3)]
+    assert sorted(s.config_hash() for part in shards for s in part) == sorted(s.config_hash() for s in grid)
+    assert not set(map(id, shards[0])) & set(map(id, shards[1]))
+
+
+@pytest.mark.parametrize("text", ["1", "3/3", "a/b", "-1/2"])
+def test_bad_shard_is_a_one_line_error(text):
+    with pytest.raises(TrustMAEError, match="shard"):
+        sweep.parse_shard(text)
+
+
+def test_unknown_key_and_method_are_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("profile: smoke\ndatasets: {synthetic: [brick]}\nseedz: [0]\n")
+    with pytest.raises(TrustMAEError, match="unknown key 'seedz'.*did you mean 'seeds'"):
+        sweep.load_sweep(bad)
+    bad.write_text("profile: smoke\ndatasets: {synthetic: [brick]}\nmethods: [patchcore9]\n")
+    with pytest.raises(TrustMAEError, match="patchcore9"):
+        sweep.load_sweep(bad)
+    bad.write_text("profile: smoke\ndatasets: {synthetic: [brick]}\nnoise_ratios: [0.95]\n")
+    with pytest.raises(TrustMAEError, match="outside"):
+        sweep.load_sweep(bad)
+
+
+def test_shipped_sweep_files_load():
+    for name in ("sweep_cpu", "sweep_paper"):
+        assert sweep.load_sweep(name).grid()

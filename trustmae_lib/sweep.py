@@ -1,0 +1,240 @@
+"""Noise-study sweeps: dataset x category x noise ratio x method x seed (supplement Tables 3 and 4).
+
+A sweep is defined by a YAML file in ``configs/`` (``sweep_cpu.yaml``, ``sweep_paper.yaml``). Every cell of its grid
+is one :class:`~trustmae_lib.config.RunSpec`; it is trained (or its finished checkpoint reused) and evaluated with
+every scoring variant of its method (w/o PD and w/o SP come from the same trained model, no retraining), and its
+result is written to its own JSON file ``<results>/<run name>-<config hash>.json`` through a temporary file and a
+rename. So:
+
+* a re-run skips every cell whose result file exists (the config hash is in the name *and* checked inside), and
+  recomputes only missing or stale ones;
+* a failed cell is recorded under ``<results>/failed/`` and never stops the others; the next run retries it;
+* ``jobs`` runs cells in parallel processes on one machine, ``shard=(i, n)`` takes every n-th cell for a batch
+  scheduler (one SLURM array task per shard), and a killed worker loses only the cell it was computing.
+
+Example:
+    >>> grid = load_sweep("sweep_cpu").grid()
+    >>> len(grid) > 0
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import time
+import traceback
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from tqdm import tqdm
+
+from .config import CONFIG_DIR, METHODS, PROTOCOLS, RunSpec
+from .errors import TrustMAEError
+from .io import read_json, write_json
+
+REPO = CONFIG_DIR.parent
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A grid of runs. ``datasets`` maps a dataset (embedded name or MVTec-layout path) to its categories."""
+
+    name: str
+    profile: str
+    datasets: dict = field(default_factory=dict)
+    methods: tuple = METHODS
+    noise_ratios: tuple = (0.0, 0.1, 0.2, 0.4)
+    seeds: tuple = (0, 1, 2)
+    protocol: str = "overlap"
+    results: str = ""  # folder of result files; default results/<profile>
+    runs: str = ""  # folder of run folders (checkpoints); default runs/<profile>
+
+    def grid(self) -> list[RunSpec]:
+        """Every cell, in a stable order (the order shards are cut from)."""
+        return [
+            RunSpec(dataset=str(d), category=c, noise_ratio=float(r), protocol=self.protocol, method=m,
+                    profile=self.profile, seed=int(s))  # fmt: skip
+            for d, categories in self.datasets.items()
+            for c in categories
+            for r in self.noise_ratios
+            for m in self.methods
+            for s in self.seeds
+        ]
+
+    @property
+    def results_dir(self) -> Path:
+        return _resolve(self.results or f"results/{self.profile}")
+
+    @property
+    def runs_dir(self) -> Path:
+        return _resolve(self.runs or f"runs/{self.profile}")
+
+
+def _resolve(path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else REPO / p
+
+
+def load_sweep(name_or_path: str | Path) -> SweepConfig:
+    """Read a sweep file (``configs/<name>.yaml`` or a path) with ``yaml.safe_load`` and check every key."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        choices = sorted(p.stem for p in CONFIG_DIR.glob("sweep_*.yaml"))
+        raise TrustMAEError(f"sweep file {path} does not exist; use one of {', '.join(choices)} or a YAML path")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise TrustMAEError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
+    if not isinstance(raw, dict):
+        raise TrustMAEError(f"{path}: expected a mapping of key: value")
+    known = {f.name for f in dataclasses.fields(SweepConfig)}
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise TrustMAEError(f"{path}: unknown key '{key}'{hint}; allowed keys: {', '.join(sorted(known))}")
+    raw.setdefault("name", path.stem)
+    if not isinstance(raw.get("datasets"), dict) or not raw["datasets"]:
+        raise TrustMAEError(f"{path}: 'datasets' must map each dataset to a list of categories")
+    for key in ("methods", "noise_ratios", "seeds"):
+        if key in raw:
+            if not isinstance(raw[key], list) or not raw[key]:
+                raise TrustMAEError(f"{path}: '{key}' must be a non-empty list")
+            raw[key] = tuple(raw[key])
+    unknown = [m for m in raw.get("methods", ()) if m not in METHODS]
+    if unknown:
+        raise TrustMAEError(f"{path}: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if raw.get("protocol", "overlap") not in PROTOCOLS:
+        raise TrustMAEError(f"{path}: protocol must be one of {', '.join(PROTOCOLS)}")
+    config = SweepConfig(**raw)
+    config.grid()  # validates every cell (noise ratio range, ...)
+    return config
+
+
+def result_path(spec: RunSpec, results_dir: Path) -> Path:
+    return results_dir / f"{spec.run_name()}-{spec.config_hash()}.json"
+
+
+def failure_path(spec: RunSpec, results_dir: Path) -> Path:
+    return results_dir / "failed" / f"{spec.run_name()}-{spec.config_hash()}.json"
+
+
+def is_done(spec: RunSpec, results_dir: Path) -> bool:
+    """A cell is done when its result file exists, parses, and carries the same config hash."""
+    path = result_path(spec, results_dir)
+    if not path.is_file():
+        return False
+    try:
+        return read_json(path).get("config_hash") == spec.config_hash()
+    except (OSError, ValueError):
+        return False
+
+
+def run_cell(spec: RunSpec, results_dir: Path, runs_dir: Path, threads: int = 0, device: str | None = None) -> dict:
+    """Train (or reuse) and evaluate one cell; write its result file. Never raises: failures are recorded."""
+    import torch
+
+    from .evaluate import evaluate
+    from .train import load_or_train
+
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    fail = failure_path(spec, results_dir)
+    try:
+        run_dir = load_or_train(spec, runs_dir, progress=False)
+        result = evaluate(run_dir, device=device, spec=spec)
+        result = {**result, "sweep_wall_time_s": round(time.perf_counter() - t0, 2)}
+        write_json(result_path(spec, results_dir), result)
+        fail.unlink(missing_ok=True)
+        return {"spec": spec, "ok": True, "result": result}
+    except Exception as exc:  # noqa: BLE001 -- a failed cell is recorded and never stops the sweep
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        write_json(fail, {"spec": spec.to_dict(), "config_hash": spec.config_hash(), "error": message,
+                          "type": type(exc).__name__, "traceback": traceback.format_exc(limit=8)})  # fmt: skip
+        return {"spec": spec, "ok": False, "error": message}
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"i/n"`` (0 <= i < n) -> ``(i, n)``."""
+    if not text:
+        return None
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise TrustMAEError(f"--shard {text!r} must look like i/n, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise TrustMAEError(f"--shard {text!r}: need 0 <= i < n")
+    return i, n
+
+
+def select(grid: Sequence[RunSpec], shard: tuple[int, int] | None) -> list[RunSpec]:
+    return list(grid) if shard is None else list(grid[shard[0] :: shard[1]])
+
+
+def run_sweep(
+    config: SweepConfig,
+    jobs: int = 1,
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+    device: str | None = None,
+    limit: int = 0,
+) -> dict:
+    """Run every missing cell of ``config`` (or of one shard of it).
+
+    Args:
+        config: the grid.
+        jobs: parallel worker processes on this machine (each gets ``cpu_count // jobs`` torch threads).
+        shard: ``(i, n)``: only every n-th cell starting at i.
+        progress: a tqdm bar over the cells with the estimated time left.
+        device: ``None`` -> CUDA if available.
+        limit: run at most this many missing cells (0 = all); for trying a sweep out.
+
+    Returns:
+        ``{"total", "skipped", "done", "failed": [(run name, error), ...]}``.
+    """
+    cells = select(config.grid(), shard)
+    todo = [s for s in cells if not is_done(s, config.results_dir)]
+    if limit:
+        todo = todo[:limit]
+    summary = {"total": len(cells), "skipped": len(cells) - len(todo), "done": 0, "failed": []}
+    bar = tqdm(total=len(todo), desc=f"sweep {config.name}", unit="run", disable=not progress)
+
+    def record(outcome: dict) -> None:
+        if outcome["ok"]:
+            summary["done"] += 1
+        else:
+            summary["failed"].append((outcome["spec"].run_name(), outcome["error"]))
+        bar.update(1)
+        bar.set_postfix(done=summary["done"], failed=len(summary["failed"]))
+
+    if jobs <= 1:
+        for spec in todo:
+            record(run_cell(spec, config.results_dir, config.runs_dir, device=device))
+    else:
+        import multiprocessing as mp
+
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(run_cell, s, config.results_dir, config.runs_dir, threads, device) for s in todo]
+            for future in as_completed(futures):
+                record(future.result())
+    bar.close()
+    return summary
+
+
+def load_results(results_dir: str | Path) -> list[dict]:
+    """Every result file of a results folder (failed cells excluded), each with its file name under ``file``."""
+    rows = []
+    for path in sorted(Path(results_dir).glob("*.json")):
+        data = read_json(path)
+        data["file"] = path.name
+        rows.append(data)
+    return rows
