@@ -1,0 +1,224 @@
+"""Training loop: every method learns, resume is exact, NaN stops cleanly, Ctrl-C saves, checkpoints are safe."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+import yaml
+
+from trustmae_lib import losses
+from trustmae_lib.checkpoint import load_checkpoint, save_checkpoint
+from trustmae_lib.config import METHODS, RunSpec, load_profile
+from trustmae_lib.errors import TrustMAEError
+from trustmae_lib.train import (
+    CHECKPOINT,
+    TrainingInterrupted,
+    _train_size,
+    batch_indices,
+    build_models,
+    fit,
+    is_texture,
+    iter_log,
+    load_or_train,
+    load_train_tensors,
+    load_trained,
+    prepare,
+    run_dir_for,
+    train,
+)
+from trustmae_lib.utils import seed_everything
+
+
+@pytest.fixture(scope="module", autouse=True)
+def data_dir(tmp_path_factory):
+    """Embedded datasets are built once per module in a temporary folder, never in the repository."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is faster and immune to OpenMP spinning on a busy machine
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRUSTMAE_DATA", str(tmp_path_factory.mktemp("data")))
+        yield
+    torch.set_num_threads(threads)
+
+
+def _profile_file(tmp_path, **changes) -> str:
+    """A smoke profile with some values changed, as a YAML file (RunSpec.profile accepts a path)."""
+    values = {k: v for k, v in load_profile("smoke").to_dict().items() if k != "name"}
+    values.update(changes)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def _objective(method: str, model, x: torch.Tensor) -> float:
+    """The method's own reconstruction objective on a fixed batch (batch statistics, no update)."""
+    model.train()
+    with torch.no_grad():
+        recon = model(x).recon
+    if method == "ae_ssim":
+        return float(losses.ssim_loss(x, recon))
+    if method.startswith("trustmae"):
+        return float(losses.reconstruction_loss(x, recon))
+    return float((x - recon).pow(2).mean())
+
+
+def _same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        sa, sb = a[name].state_dict(), b[name].state_dict()
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=0, equal_nan=True, msg=f"{name}.{key} differs")
+
+
+def test_batch_indices_cover_each_epoch_and_shard_disjointly():
+    n, g = 10, 4
+    stream = torch.cat([batch_indices(t, n, g, seed=3) for t in range(5)])  # 20 positions = 2 epochs
+    assert sorted(stream[:10].tolist()) == list(range(n)) and sorted(stream[10:].tolist()) == list(range(n))
+    assert not torch.equal(stream[:10], stream[10:])  # a fresh permutation per epoch
+    full = batch_indices(7, n, g, seed=3)
+    shards = [batch_indices(7, n, g, seed=3, rank=r, world_size=2) for r in range(2)]
+    assert sorted(torch.cat(shards).tolist()) == sorted(full.tolist())
+    assert torch.equal(batch_indices(7, n, g, seed=3), full)  # stateless: the same step gives the same batch
+    assert not torch.equal(batch_indices(0, n, g, seed=4), batch_indices(0, n, g, seed=3))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_smoke_training_reduces_the_objective(method, tmp_path):
+    spec = RunSpec(method=method, category="widget", steps=8)
+    profile, index, split = prepare(spec)
+    size, crop = _train_size(method, profile, is_texture("widget"))
+    x = load_train_tensors(spec, profile, index, split, size)
+    seed_everything(spec.seed)
+    before = _objective(method, build_models(spec, profile)["model"], x)
+    result = fit(spec, tmp_path, progress=False)
+    after = _objective(method, result.models["model"], x)
+    assert after < before, f"{method}: objective {before:.4f} -> {after:.4f}"
+    rows = list(iter_log(result.run_dir))
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    key = "total" if method.startswith("trustmae") else "loss"
+    assert all(torch.isfinite(torch.tensor(r[key])) for r in rows)
+    if method == "trustmae":  # Eq. 9 terms and trust-region statistics are logged
+        assert {"rec", "sm", "vgg", "gan", "feat", "margin", "trust", "disc", "trust_radius"} <= rows[0].keys()
+        assert rows[-1]["trust"] > 0
+    if method == "trustmae_no_tr":
+        assert rows[-1]["trust"] == 0 and "trust_radius" not in rows[-1]
+    files = {p.name for p in result.run_dir.iterdir()}
+    assert {"checkpoint.pt", "log.csv", "manifest.json", "run.json"} <= files
+    assert not [f for f in files if f.endswith(".tmp")]
+
+
+def test_texture_baseline_trains_on_crops_of_the_4x_image():
+    profile = load_profile("smoke")
+    assert _train_size("ae_l2", profile, texture=True) == (4 * profile.image_size, profile.image_size)
+    assert _train_size("ae_l2", profile, texture=False) == (profile.image_size, None)
+    assert _train_size("trustmae", profile, texture=True) == (profile.image_size, None)
+
+
+def test_interrupt_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    spec = RunSpec(method="trustmae", steps=4)
+    full = fit(spec, tmp_path / "full", progress=False)
+
+    calls = {"n": 0}
+    real = losses.hinge_g_loss
+
+    def ctrl_c_in_step_two(fake_logits):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during step 2
+        return real(fake_logits)
+
+    monkeypatch.setattr(losses, "hinge_g_loss", ctrl_c_in_step_two)
+    with pytest.raises(TrainingInterrupted) as info:
+        fit(spec, tmp_path / "split", progress=False)
+    monkeypatch.setattr(losses, "hinge_g_loss", real)
+    assert info.value.step == 2 and info.value.checkpoint.is_file()
+    saved = load_checkpoint(info.value.checkpoint)
+    assert saved["step"] == 2 and not saved["finished"]
+    with pytest.raises(TrustMAEError, match="resume"):  # an existing checkpoint is never silently overwritten
+        train(spec, tmp_path / "split", progress=False)
+    resumed = fit(spec, tmp_path / "split", resume=True, progress=False)
+    assert resumed.step == 4
+    _same_weights(full.models, resumed.models)
+    assert [r["step"] for r in iter_log(resumed.run_dir)] == [1, 2, 3, 4]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    spec = RunSpec(method="trustmae", profile=_profile_file(tmp_path, steps=4, checkpoint_every=2))
+    real = losses.reconstruction_loss
+    calls = {"n": 0}
+
+    def nan_from_step_three(x, x_hat):
+        calls["n"] += 1
+        value = real(x, x_hat)
+        return value * float("nan") if calls["n"] >= 3 else value
+
+    monkeypatch.setattr(losses, "reconstruction_loss", nan_from_step_three)
+    with pytest.raises(TrustMAEError) as info:
+        train(spec, tmp_path / "runs", progress=False)
+    message = str(info.value)
+    assert "\n" not in message and "'rec'" in message and "step 3" in message and CHECKPOINT in message
+    run_dir = run_dir_for(spec, tmp_path / "runs")
+    kept = load_checkpoint(run_dir / CHECKPOINT)
+    assert kept["step"] == 2 and not kept["finished"]
+    for key, state in kept["models"]["model"].items():
+        if key != "trust.distance_history":  # unused ring-buffer rows are NaN by design
+            assert torch.isfinite(state.float()).all(), key
+
+
+def test_load_or_train_reuses_and_load_trained_checks(tmp_path):
+    spec = RunSpec(method="memae", category="widget", steps=2)
+    run_dir = load_or_train(spec, tmp_path, progress=False)
+    stamp = (run_dir / CHECKPOINT).stat().st_mtime_ns
+    assert load_or_train(spec, tmp_path, progress=False) == run_dir
+    assert (run_dir / CHECKPOINT).stat().st_mtime_ns == stamp  # reused, not retrained
+
+    trained = load_trained(run_dir, spec=spec)
+    assert trained.spec == spec and not trained.models["model"].training
+    assert len(trained.split.train) == trained.split.n_good + trained.split.n_injected
+
+    with pytest.raises(TrustMAEError, match="another configuration"):
+        load_trained(run_dir, spec=RunSpec(method="memae", category="widget", steps=3))
+    with pytest.raises(TrustMAEError, match="does not exist"):
+        load_trained(tmp_path / "nowhere")
+
+    # Architecture mismatch: drop one tensor from the stored weights.
+    payload = load_checkpoint(run_dir / CHECKPOINT)
+    payload["models"]["model"].pop(next(iter(payload["models"]["model"])))
+    save_checkpoint(run_dir / CHECKPOINT, payload)
+    with pytest.raises(TrustMAEError, match="do not fit the architecture"):
+        load_trained(run_dir)
+
+    # Truncated file: a one-line error naming it.
+    blob = (run_dir / CHECKPOINT).read_bytes()
+    (run_dir / CHECKPOINT).write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(TrustMAEError, match="checkpoint.pt") as info:
+        load_trained(run_dir)
+    assert "\n" not in str(info.value)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_weights_only_loading_refuses_a_pickled_payload(tmp_path):
+    path = tmp_path / CHECKPOINT
+    torch.save({"format": 1, "step": 1, "evil": _Payload()}, path)
+    with pytest.raises(TrustMAEError, match="weights_only") as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value)
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(TrustMAEError, match="garbage.pt"):
+        load_checkpoint(tmp_path / "garbage.pt")
+
+
+def test_different_seeds_give_different_runs_and_same_seed_the_same(tmp_path):
+    a = fit(RunSpec(method="ae_l2", category="widget", steps=2, seed=0), tmp_path / "a", progress=False)
+    b = fit(RunSpec(method="ae_l2", category="widget", steps=2, seed=0), tmp_path / "b", progress=False)
+    c = fit(RunSpec(method="ae_l2", category="widget", steps=2, seed=1), tmp_path / "c", progress=False)
+    _same_weights(a.models, b.models)
+    first = next(iter(a.models["model"].state_dict()))
+    assert not torch.equal(a.models["model"].state_dict()[first], c.models["model"].state_dict()[first])

@@ -1,0 +1,618 @@
+"""Scoring and evaluation: anomaly maps, image / pixel ROC AUC, a training-side threshold (DESIGN §6).
+
+**Spatial perceptual distance** (*reading*; the main paper's definition is not in our source). For an image
+``x`` and its reconstruction ``x_hat``, take the frozen backbone's five feature maps (the Eq. 12 layers), normalise
+every location's feature vector to unit L2 norm over the channels, sum the squared difference over the channels,
+upsample each layer's map bilinearly to the image size and combine the layers with the Eq. 12 weights
+``1/32 ... 1``::
+
+    A(x)[p] = sum_l lambda_l * up( || f_l(x)[p]/|f_l(x)[p]| - f_l(x_hat)[p]/|f_l(x_hat)[p]| ||^2 )
+
+The map is lightly smoothed with a Gaussian (sigma = 4 px at 256 px, scaled with the image side) and the **image
+score is its maximum**. Scoring variants (supplement Table 3 ablations; they only change scoring, so they reuse
+the trained networks):
+
+* ``perceptual`` -- the full spatial perceptual distance above (TrustMAE);
+* ``pixel`` (*w/o PD*) -- the per-pixel squared distance ``sum_c (x - x_hat)^2``, smoothed, max;
+* ``global`` (*w/o SP*) -- the perceptual distance without a spatial map: per layer the features are averaged over
+  all locations, normalised over the channels and compared (squared distance), layers weighted as above; the score
+  is that number and the "map" is constant (no pixel AUC).
+
+Baselines are scored by their own residual maps (``residual``): MemAE and objects with the squared error, AE-SSIM
+with ``1 - SSIM``; AE-L2 / AE-SSIM on textures with sliding windows at their input size over the 4x texture image
+(supplement §B). The image score is again the max of the smoothed map (*reading*: one rule for every method, so
+the comparison is between the maps).
+
+**Threshold** (engineering; the paper reports only AUC). A decision threshold may use only training-side data.
+The training set is contaminated: a fraction ``r`` of it is defective, and those images -- if the model works --
+carry the highest training scores. We therefore set the threshold at the ``1 - (r + 0.05)`` quantile of the
+*training* scores (``r`` = the run's noise ratio, the 0.05 margin absorbing defects the model reconstructs well
+and the spread of the normal scores), i.e. the 95th percentile of normal-looking training images at ``r = 0``.
+Training scores come from the un-augmented training images, which the model has seen, so they are slightly
+optimistic; precision, recall, F1 and the confusion matrix on the test set show what that threshold gives.
+The test scores never enter the threshold.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
+from torch import Tensor
+
+from . import __version__
+from .errors import TrustMAEError
+from .io import atomic_write, write_json
+
+__all__ = [
+    "VARIANTS",
+    "THRESHOLD_MARGIN",
+    "PIXEL_AUC_MAX",
+    "Scores",
+    "smoothing_sigma",
+    "smooth",
+    "perceptual_distance_map",
+    "pixel_distance_map",
+    "global_perceptual_distance",
+    "image_auroc",
+    "pixel_auroc",
+    "fit_threshold",
+    "threshold_metrics",
+    "default_variants",
+    "score",
+    "evaluate",
+    "RESULT",
+    "PROVENANCE_KEYS",
+]
+
+#: Scoring variants of TrustMAE models (Table 3): full, w/o PD, w/o SP. Baselines have only ``residual``.
+VARIANTS = ("perceptual", "pixel", "global")
+#: Added to the known noise ratio when fitting the threshold (see the module docstring).
+THRESHOLD_MARGIN = 0.05
+#: Pixel AUC uses at most this many pixels (a seeded subsample beyond it).
+PIXEL_AUC_MAX = 4_000_000
+RESULT = "result.json"
+SCORES = "scores.csv"
+PROVENANCE_KEYS = (
+    "dataset",
+    "category",
+    "noise_ratio",
+    "protocol",
+    "manifest_hash",
+    "method",
+    "backbone",
+    "backbone_weights",
+    "profile",
+    "profile_digest",
+    "seed",
+    "steps",
+    "library_version",
+    "torch_version",
+    "device",
+    "train_wall_s",
+    "eval_wall_s",
+    "config_hash",
+)
+
+
+class Scores(NamedTuple):
+    """Output of :func:`score`."""
+
+    anomaly_maps: Tensor  # (N, 1, S, S) smoothed anomaly maps
+    pred_scores: Tensor  # (N,) image scores (max of the map; the global distance for "global")
+    recons: Tensor  # (N, 3, S, S) reconstructions in [-1, 1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Maps
+# --------------------------------------------------------------------------------------------------------------
+
+
+def smoothing_sigma(size: int) -> float:
+    """Gaussian sigma of the map smoothing: 4 px at 256 px, proportional to the image side."""
+    return 4.0 * size / 256.0
+
+
+def smooth(maps: Tensor, sigma: float) -> Tensor:
+    """Gaussian blur of ``(B, 1, H, W)`` maps (reflect padding); ``sigma <= 0`` returns them unchanged."""
+    if sigma <= 0:
+        return maps
+    radius = max(1, math.ceil(3 * sigma))
+    radius = min(radius, min(maps.shape[-2:]) - 1)  # reflect padding needs pad < side
+    if radius < 1:
+        return maps
+    k = 2 * radius + 1
+    return TF.gaussian_blur(maps, [k, k], [sigma, sigma])
+
+
+def _normalise_channels(f: Tensor, eps: float = 1e-10) -> Tensor:
+    """Unit L2 norm over the channels at every location: ``(B, C, h, w)`` -> same."""
+    return f / f.norm(dim=1, keepdim=True).clamp_min(eps)
+
+
+def perceptual_distance_map(
+    feats_x: Sequence[Tensor], feats_y: Sequence[Tensor], size: tuple[int, int], weights: Sequence[float]
+) -> Tensor:
+    """Spatial perceptual distance (unsmoothed).
+
+    Args:
+        feats_x: backbone features of the images, one ``(B, C_l, h_l, w_l)`` per layer.
+        feats_y: the same layers for the reconstructions.
+        size: ``(H, W)`` of the output map.
+        weights: one weight per layer (Eq. 12's ``lambda_l``).
+
+    Returns:
+        ``(B, 1, H, W)``, zero where the features agree.
+    """
+    if not (len(feats_x) == len(feats_y) == len(weights)):
+        raise TrustMAEError(
+            f"perceptual_distance_map: {len(feats_x)}, {len(feats_y)} feature maps and {len(weights)} "
+            "weights -- pass one weight per layer"
+        )
+    total = None
+    for fx, fy, w in zip(feats_x, feats_y, weights, strict=True):
+        d = (_normalise_channels(fx.float()) - _normalise_channels(fy.float())).pow(2).sum(1, keepdim=True)
+        d = F.interpolate(d, size=size, mode="bilinear", align_corners=False)  # (B, 1, H, W)
+        total = w * d if total is None else total + w * d
+    return total
+
+
+def pixel_distance_map(x: Tensor, recon: Tensor) -> Tensor:
+    """*w/o PD*: per-pixel squared distance summed over the colour channels, ``(B, 3, H, W) -> (B, 1, H, W)``."""
+    return (x.float() - recon.float()).pow(2).sum(1, keepdim=True)
+
+
+def global_perceptual_distance(
+    feats_x: Sequence[Tensor], feats_y: Sequence[Tensor], weights: Sequence[float]
+) -> Tensor:
+    """*w/o SP*: per layer, features averaged over locations, channel-normalised, squared distance; weighted sum.
+
+    Returns:
+        ``(B,)``.
+    """
+    total = None
+    for fx, fy, w in zip(feats_x, feats_y, weights, strict=True):
+        gx = _normalise_channels(fx.float().mean((2, 3), keepdim=True))  # (B, C, 1, 1)
+        gy = _normalise_channels(fy.float().mean((2, 3), keepdim=True))
+        d = (gx - gy).pow(2).sum((1, 2, 3))
+        total = w * d if total is None else total + w * d
+    return total
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Scoring trained runs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def default_variants(method: str) -> tuple[str, ...]:
+    return VARIANTS if method.startswith("trustmae") else ("residual",)
+
+
+def _check_variants(method: str, variants: Sequence[str]) -> tuple[str, ...]:
+    allowed = default_variants(method)
+    bad = [v for v in variants if v not in allowed]
+    if bad or not variants:
+        raise TrustMAEError(
+            f"scoring variant(s) {bad or '(none)'} do not apply to method '{method}'; choose from {', '.join(allowed)}"
+        )
+    return tuple(variants)
+
+
+def _resize(images: Tensor, size: int) -> Tensor:
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    return TF.resize(images, [size, size], antialias=True).clamp(-1, 1)
+
+
+def _tile_recon(model_fn, images: Tensor, window: int) -> Tensor:
+    """Reconstruct a large image from non-overlapping ``window`` tiles: ``(B, C, S, S)`` -> same."""
+    b, c, h, w = images.shape
+    kernel = dict(kernel_size=window, stride=window)
+    cols = F.unfold(images, **kernel)  # (B, C*window*window, L)
+    n = cols.shape[-1]
+    tiles = cols.transpose(1, 2).reshape(b * n, c, window, window)
+    rec = model_fn(tiles).reshape(b, n, c * window * window).transpose(1, 2)
+    return F.fold(rec, output_size=(h, w), **kernel)
+
+
+def _backbone_for(trained):
+    cached = getattr(trained, "_backbone", None)
+    if cached is None:
+        from .perceptual import build_backbone
+
+        cached = build_backbone(trained.profile.backbone).to(trained.device)
+        trained._backbone = cached
+    return cached
+
+
+def score(trained, images: Tensor, variant: str | None = None, batch_size: int = 16) -> Scores:
+    """Anomaly maps, image scores and reconstructions of a trained run.
+
+    Runs in ``torch.inference_mode`` in batches, models in eval mode.
+
+    Args:
+        trained: a :class:`~trustmae_lib.train.TrainedRun`.
+        images: ``(N, 3, H, W)`` in [-1, 1]; resized to ``trained.score_size`` when their side differs.
+        variant: ``perceptual`` (default for TrustMAE), ``pixel``, ``global``; ``residual`` (the only one, and the
+            default, for the baselines).
+        batch_size: images per forward pass.
+
+    Returns:
+        :class:`Scores` -- ``anomaly_maps (N, 1, S, S)``, ``pred_scores (N,)``, ``recons (N, 3, S, S)``, with
+        ``S = trained.score_size``.
+    """
+    method = trained.method
+    variant = variant or default_variants(method)[0]
+    _check_variants(method, [variant])
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise TrustMAEError(f"score expects images of shape (N, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
+    size = trained.score_size
+    sigma = smoothing_sigma(size)
+    model = trained.models["model"]
+    model.eval()
+    dev = trained.device
+    maps, preds, recons = [], [], []
+    with torch.inference_mode():
+        for chunk in images.split(batch_size):
+            x = _resize(chunk, size).to(dev, torch.float32)
+            if method.startswith("trustmae"):
+                recon = model(x).recon.float()
+                if variant == "pixel":
+                    m = smooth(pixel_distance_map(x, recon), sigma)
+                    s = m.amax((1, 2, 3))
+                else:
+                    backbone = _backbone_for(trained)
+                    fx, fr = backbone(x), backbone(recon)
+                    if variant == "perceptual":
+                        m = smooth(perceptual_distance_map(fx, fr, (size, size), backbone.layer_weights), sigma)
+                        s = m.amax((1, 2, 3))
+                    else:  # global
+                        s = global_perceptual_distance(fx, fr, backbone.layer_weights)
+                        m = s.view(-1, 1, 1, 1).expand(-1, 1, size, size)
+            else:
+                from .baselines import get_baseline, sliding_window_map
+
+                base = get_baseline(method)
+
+                def model_fn(t: Tensor) -> Tensor:
+                    return model(t).recon.float()
+
+                window = trained.input_size
+                if size > window:  # texture protocol: sliding windows over the 4x image
+                    raw = sliding_window_map(
+                        model_fn,
+                        x,
+                        window=window,
+                        stride=base.texture_stride(trained.profile),
+                        residual_fn=base.residual_map,
+                    )
+                    recon = _tile_recon(model_fn, x, window)
+                else:
+                    recon = model_fn(x)
+                    raw = base.residual_map(x, recon)
+                m = smooth(raw.float(), sigma)
+                s = m.amax((1, 2, 3))
+            maps.append(m.float().cpu())
+            preds.append(s.float().cpu())
+            recons.append(recon.float().cpu())
+    if not maps:
+        empty = torch.zeros(0, 1, size, size)
+        return Scores(empty, torch.zeros(0), torch.zeros(0, 3, size, size))
+    return Scores(torch.cat(maps), torch.cat(preds), torch.cat(recons))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------------------
+
+
+def image_auroc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
+    """Image ROC AUC (scikit-learn); ``None`` unless both classes are present."""
+    labels = np.asarray(labels).astype(int)
+    if len(np.unique(labels)) < 2:
+        return None
+    return float(roc_auc_score(labels, np.asarray(scores, dtype=np.float64)))
+
+
+def pixel_auroc(masks: Tensor, maps: Tensor, max_pixels: int = PIXEL_AUC_MAX, seed: int = 0) -> float | None:
+    """Pixel ROC AUC over all test images (scikit-learn on the flattened maps).
+
+    Beyond ``max_pixels`` pixels a seeded uniform subsample (without replacement) is used.
+
+    Returns:
+        ``None`` unless both defect and normal pixels are present.
+    """
+    y = (masks.reshape(-1) > 0.5).numpy()
+    s = maps.reshape(-1).double().numpy()
+    if y.size != s.size:
+        raise TrustMAEError(f"pixel_auroc: {y.size} mask pixels but {s.size} map pixels; score at the masks' size")
+    if y.size > max_pixels:
+        pick = np.random.default_rng(seed).choice(y.size, size=max_pixels, replace=False)
+        y, s = y[pick], s[pick]
+    if y.all() or not y.any():
+        return None
+    return float(roc_auc_score(y, s))
+
+
+def fit_threshold(train_scores: Sequence[float], noise_ratio: float, margin: float = THRESHOLD_MARGIN) -> dict:
+    """Decision threshold from *training* scores only: their ``1 - (noise_ratio + margin)`` quantile.
+
+    Args:
+        train_scores: scores of the (contaminated) training images.
+        noise_ratio: the run's known defective fraction of the training set.
+        margin: extra fraction assumed defective.
+
+    Returns:
+        ``{"value", "quantile", "assumed_noise", "n_train", "rule"}``.
+    """
+    scores = np.asarray(train_scores, dtype=np.float64)
+    if scores.size == 0:
+        raise TrustMAEError("fit_threshold needs at least one training score")
+    assumed = min(max(float(noise_ratio) + margin, 0.0), 1.0)
+    q = 1.0 - assumed
+    return {
+        "value": float(np.quantile(scores, q)),
+        "quantile": q,
+        "assumed_noise": assumed,
+        "n_train": int(scores.size),
+        "rule": "quantile 1 - (noise_ratio + margin) of training scores",
+    }
+
+
+def threshold_metrics(labels: Sequence[int], scores: Sequence[float], threshold: float) -> dict:
+    """Precision, recall, F1 (defective = positive) and the confusion matrix ``[[TN, FP], [FN, TP]]``."""
+    labels = np.asarray(labels).astype(int)
+    pred = (np.asarray(scores, dtype=np.float64) > threshold).astype(int)
+    p, r, f, _ = precision_recall_fscore_support(labels, pred, labels=[1], average=None, zero_division=0)
+    cm = confusion_matrix(labels, pred, labels=[0, 1])
+    return {"precision": float(p[0]), "recall": float(r[0]), "f1": float(f[0]), "confusion_matrix": cm.tolist()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# evaluate a run folder
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _train_images(trained, size: int) -> Tensor:
+    from .train import load_train_tensors
+
+    return load_train_tensors(trained.spec, trained.profile, trained.index, trained.split, size)
+
+
+def _test_tensors(trained, size: int) -> tuple[Tensor, Tensor]:
+    """Test images ``(N, 3, S, S)`` and masks ``(N, 1, S, S)`` of a trained run's split."""
+    from .data import load_tensors
+    from .train import _cache_dir
+
+    cache = _cache_dir(trained.spec, trained.index.root)
+    return load_tensors(list(trained.split.test), size, cache_dir=cache, progress=False)
+
+
+def evaluate(
+    run_dir: str | Path,
+    variants: Sequence[str] | None = None,
+    device: str | None = None,
+    batch_size: int = 16,
+    spec=None,
+) -> dict:
+    """Score a finished run's test set and write ``result.json`` (and ``scores.csv``) into its folder.
+
+    For each variant: image ROC AUC, pixel ROC AUC (where the dataset has masks and the variant has a map), a
+    threshold fitted on the training scores only (:func:`fit_threshold`) and precision / recall / F1 / confusion
+    matrix on the test set at that threshold.
+
+    Args:
+        run_dir: a folder written by :func:`trustmae_lib.train.train`.
+        variants: default all that apply to the method (:func:`default_variants`).
+        device: ``None`` -> CUDA if available, else CPU.
+        batch_size: images per forward pass.
+        spec: optional :class:`~trustmae_lib.config.RunSpec` the run must match.
+
+    Returns:
+        The result dict (also written atomically to ``<run_dir>/result.json``): ``metrics`` per variant plus the
+        provenance keys :data:`PROVENANCE_KEYS`.
+    """
+    from .train import load_trained
+
+    t0 = time.perf_counter()
+    trained = load_trained(run_dir, spec=spec, device=device)
+    variants = _check_variants(trained.method, tuple(variants) if variants else default_variants(trained.method))
+    size = trained.score_size
+    test = list(trained.split.test)
+    images, masks = _test_tensors(trained, size)
+    labels = np.array([s.label for s in test], dtype=int)
+    train_images = _train_images(trained, size)
+    has_masks = bool(trained.index.has_masks)
+
+    metrics, per_image = {}, {}
+    for variant in variants:
+        test_scores = score(trained, images, variant, batch_size)
+        train_scores = score(trained, train_images, variant, batch_size).pred_scores
+        threshold = fit_threshold(train_scores.numpy(), trained.spec.noise_ratio)
+        entry = {
+            "image_auroc": image_auroc(labels, test_scores.pred_scores.numpy()),
+            "pixel_auroc": (
+                pixel_auroc(masks, test_scores.anomaly_maps) if has_masks and variant != "global" else None
+            ),
+            "threshold": threshold,
+            **threshold_metrics(labels, test_scores.pred_scores.numpy(), threshold["value"]),
+            "train_score_mean": float(train_scores.mean()),
+        }
+        metrics[variant] = entry
+        per_image[variant] = test_scores.pred_scores.numpy()
+
+    primary = variants[0]
+    meta = trained.meta
+    backbone = meta.get("backbone") or {}
+    result = {
+        "metrics": metrics,
+        "primary_variant": primary,
+        "image_auroc": metrics[primary]["image_auroc"],
+        "pixel_auroc": metrics[primary]["pixel_auroc"],
+        "dataset": trained.spec.dataset,
+        "category": trained.spec.category,
+        "noise_ratio": trained.spec.noise_ratio,
+        "realised_noise_ratio": trained.split.realised_ratio,
+        "protocol": trained.spec.protocol,
+        "manifest_hash": trained.split.manifest_hash,
+        "method": trained.method,
+        "backbone": backbone.get("name"),
+        "backbone_weights": backbone.get("weights_source"),
+        "profile": trained.profile.name,
+        "profile_digest": trained.profile.digest(),
+        "seed": trained.spec.seed,
+        "steps": int(meta.get("step", trained.profile.steps)),
+        "library_version": __version__,
+        "torch_version": str(torch.__version__),
+        "device": str(trained.device),
+        "train_device": meta.get("device"),
+        "train_wall_s": round(float(meta.get("train_wall_s", 0.0)), 3),
+        "eval_wall_s": round(time.perf_counter() - t0, 3),
+        "config_hash": meta.get("config_hash"),
+        "n_train": len(trained.split.train),
+        "n_test": len(test),
+        "n_test_defective": int(labels.sum()),
+        "score_size": size,
+    }
+    run_dir = Path(run_dir)
+    _write_scores(run_dir / SCORES, test, trained.index.root, per_image)
+    write_json(run_dir / RESULT, result)
+    return result
+
+
+def _write_scores(path: Path, samples, root: Path, per_variant: dict[str, np.ndarray]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["image", "label", "defect_type", *per_variant])
+    for i, s in enumerate(samples):
+        try:
+            name = Path(s.image).relative_to(root).as_posix()
+        except ValueError:
+            name = str(s.image)
+        writer.writerow([name, s.label, s.defect_type, *(f"{per_variant[v][i]:.8g}" for v in per_variant)])
+    with atomic_write(path, "w") as handle:
+        handle.write(buffer.getvalue())
+
+
+def format_result(result: dict) -> str:
+    """A short text table of a result dict (for the command line)."""
+    head = (
+        f"{result['method']} | {result['dataset']}/{result['category']} | noise {result['noise_ratio']:.2f} "
+        f"({result['protocol']}) | profile {result['profile']} | seed {result['seed']} | steps {result['steps']}"
+    )
+    lines = [
+        head,
+        f"{'variant':<11} {'image AUC':>9} {'pixel AUC':>9} {'thresh':>9} {'prec':>6} {'recall':>6} {'F1':>6}",
+    ]
+
+    def fmt(v, w, p=4):
+        return f"{v:>{w}.{p}f}" if isinstance(v, (int, float)) else f"{'-':>{w}}"
+
+    for name, m in result["metrics"].items():
+        lines.append(
+            f"{name:<11} {fmt(m['image_auroc'], 9)} {fmt(m['pixel_auroc'], 9)} "
+            f"{fmt(m['threshold']['value'], 9, 4)} {fmt(m['precision'], 6, 3)} {fmt(m['recall'], 6, 3)} "
+            f"{fmt(m['f1'], 6, 3)}"
+        )
+    lines.append(
+        f"train {result['train_wall_s']:.1f} s, eval {result['eval_wall_s']:.1f} s on {result['device']}; "
+        f"backbone {result['backbone'] or '-'}"
+    )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Scoring image files (command line ``score``)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _image_files(path: Path) -> list[Path]:
+    from .data import IMAGE_EXTENSIONS
+
+    path = Path(path)
+    if path.is_file():
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise TrustMAEError(f"{path} is not an image ({', '.join(IMAGE_EXTENSIONS)}); pass an image or a folder")
+        return [path]
+    if not path.is_dir():
+        raise TrustMAEError(f"{path} does not exist; pass an image file or a folder of images")
+    files = sorted(
+        p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+    if not files:
+        raise TrustMAEError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)}); pass a folder with images")
+    return files
+
+
+def overlay(image: Tensor, anomaly_map: Tensor, vmax: float, alpha: float = 0.5) -> np.ndarray:
+    """Heat-map overlay: ``image (3, S, S)`` in [-1, 1], ``anomaly_map (1, S, S)`` scaled by ``vmax`` -> uint8 RGB."""
+    from matplotlib import colormaps
+
+    base = ((image.float().permute(1, 2, 0).numpy() + 1.0) / 2.0).clip(0, 1)
+    heat = colormaps["jet"]((anomaly_map[0].float().numpy() / max(vmax, 1e-12)).clip(0, 1))[..., :3]
+    return (((1 - alpha) * base + alpha * heat) * 255).round().astype(np.uint8)
+
+
+def score_files(
+    run_dir: str | Path,
+    path: str | Path,
+    out: str | Path,
+    variant: str | None = None,
+    device: str | None = None,
+    batch_size: int = 16,
+) -> Path:
+    """Score one image or a folder of images with a trained run.
+
+    Writes ``<out>/scores.csv`` (file, score, threshold, anomalous) and one ``<stem>_overlay.png`` per image (heat
+    map scaled so that the threshold sits at the middle of the colour map). The threshold is the one in the run's
+    ``result.json`` when present, else fitted on the run's training scores (:func:`fit_threshold`).
+
+    Returns:
+        The CSV path.
+    """
+    from PIL import Image
+
+    from .data import read_image, to_tensor
+    from .io import read_json
+    from .train import load_trained
+
+    files = _image_files(Path(path))
+    trained = load_trained(run_dir, device=device)
+    variant = variant or default_variants(trained.method)[0]
+    _check_variants(trained.method, [variant])
+    size = trained.score_size
+    images = torch.stack([to_tensor(read_image(f), size) for f in files])
+    result_path = Path(run_dir) / RESULT
+    threshold = None
+    if result_path.is_file():
+        threshold = read_json(result_path).get("metrics", {}).get(variant, {}).get("threshold", {}).get("value")
+    if threshold is None:
+        train_scores = score(trained, _train_images(trained, size), variant, batch_size).pred_scores
+        threshold = fit_threshold(train_scores.numpy(), trained.spec.noise_ratio)["value"]
+    scored = score(trained, images, variant, batch_size)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["image", "score", "threshold", "anomalous", "overlay"])
+    for i, f in enumerate(files):
+        name = f"{f.stem}_overlay.png"
+        picture = overlay(images[i], scored.anomaly_maps[i], vmax=2 * threshold)
+        with atomic_write(out / name, "wb") as handle:
+            Image.fromarray(picture).save(handle, format="PNG")
+        s = float(scored.pred_scores[i])
+        writer.writerow([str(f), f"{s:.8g}", f"{threshold:.8g}", int(s > threshold), name])
+    csv_path = out / SCORES
+    with atomic_write(csv_path, "w") as handle:
+        handle.write(buffer.getvalue())
+    return csv_path
