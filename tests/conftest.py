@@ -87,3 +87,9 @@ def write_mvtec_tree(root: Path) -> Path:
 def mvtec_tree(tmp_path: Path) -> Path:
     """Root of a tiny MVTec-layout dataset (categories bottle, cable, grid; see the module docstring)."""
     return write_mvtec_tree(tmp_path / "mvtec")
+
+
+@pytest.fixture(scope="session")
+def make_mvtec_tree():
+    """``make_mvtec_tree(root) -> root`` (:func:`write_mvtec_tree`), for module-scoped fixtures."""
+    return write_mvtec_tree

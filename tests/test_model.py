@@ -110,7 +110,7 @@ def _smoke_model(**kwargs):
 
 
 def test_full_forward_smoke_width():
-    model = _smoke_model()
+    model = _smoke_model(use_margin=True)
     x = torch.rand(4, 3, 64, 64) * 2 - 1
     out = model(x)
     assert out.recon.shape == (4, 3, 64, 64) and out.features.shape == (4, 64, 2, 2)
@@ -182,3 +182,9 @@ def test_from_profile():
     assert model.hparams["width"] == profile.width and model.hparams["trust_region"] is False
     rebuilt = TrustMAE(**model.hparams)
     assert rebuilt.state_dict().keys() == model.state_dict().keys()
+
+
+def test_margin_is_off_by_default():
+    # L_margin collapsed the encoder at our scale (see losses.LossWeights): off unless asked for.
+    out = _smoke_model()(torch.rand(2, 3, 64, 64) * 2 - 1)
+    assert out.losses["margin"].item() == 0.0 and out.losses["trust"] > 0

@@ -66,7 +66,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        # torch words it "Unsupported global: GLOBAL x.y" or, for blocked modules (os, subprocess, ...),
+        # "Trying to load unsupported GLOBAL x.y whose module x is blocked".
+        found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(exc))
         if found is None:
             raise TrustMAEError(
                 f"checkpoint {path} is not a torch checkpoint or is corrupt; delete it and retrain"

@@ -118,10 +118,30 @@ def _register_data(sub: argparse._SubParsersAction) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _check_device(text: str | None) -> None:
+    """A one-line error for a device torch does not know or this machine lacks (torch would raise later)."""
+    if text in (None, "auto"):
+        return
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise TrustMAEError(f"unknown device {text!r}; use cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise TrustMAEError(f"device {text!r} is not available ({count} CUDA devices); use --device cpu")
+    elif device.type != "cpu":
+        raise TrustMAEError(f"device {text!r} is not supported; use cpu, cuda or cuda:<index>")
+
+
 def _spec_from_args(args: argparse.Namespace):
     from .config import RunSpec
     from .data import EMBEDDED_DATASETS
 
+    if args.steps < 0:
+        raise TrustMAEError(f"--steps {args.steps} must be positive (0 = the profile's steps)")
     try:
         ratio = float(args.noise_ratio)
     except ValueError:
@@ -162,6 +182,8 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, format_result
 
+    if args.batch_size < 1:
+        raise TrustMAEError(f"--batch-size {args.batch_size} must be at least 1")
     result = evaluate(args.run_dir, variants=args.variants, device=args.device, batch_size=args.batch_size)
     print(format_result(result))
     print(f"wrote {Path(args.run_dir) / 'result.json'}")
@@ -227,6 +249,44 @@ def _register_score(sub: argparse._SubParsersAction) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# sweep
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    import shutil
+
+    from .sweep import load_sweep, parse_shard, run_sweep
+
+    config = load_sweep(args.config)
+    shard = parse_shard(args.shard)
+    if args.fresh:  # `make reproduce`: recompute everything from scratch
+        for folder in (config.results_dir, config.runs_dir):
+            if folder.exists():
+                shutil.rmtree(folder)
+    summary = run_sweep(config, jobs=args.jobs, shard=shard, device=args.device, limit=args.limit)
+    print(f"sweep {config.name}: {summary['total']} cells, {summary['skipped']} already done, "
+          f"{summary['done']} computed, {len(summary['failed'])} failed -> {config.results_dir}")  # fmt: skip
+    for name, error in summary["failed"]:
+        print(f"  failed: {name}: {error}")
+    return 1 if summary["failed"] else 0
+
+
+@command("sweep")
+def _register_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="run a noise-study grid (dataset x category x noise x method x seed)",
+                       description="Trains and evaluates every missing cell of a sweep file; each result is its own "
+                                   "JSON file; finished cells are skipped, failed ones retried.")  # fmt: skip
+    p.add_argument("config", help="sweep name in configs/ (sweep_cpu, sweep_paper) or a YAML path")
+    p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (default: 1)")
+    p.add_argument("--shard", default=None, help="i/n: run only every n-th cell from i (batch-scheduler arrays)")
+    p.add_argument("--fresh", action="store_true", help="delete the sweep's results and runs first")
+    p.add_argument("--limit", type=int, default=0, help="compute at most this many missing cells (default: all)")
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: CUDA if available)")
+    p.set_defaults(func=_sweep)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # entry point
 # ----------------------------------------------------------------------------------------------------------
 
@@ -241,14 +301,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 2 user error)."""
+    """Run the command line; returns the exit status: 0 ok, 2 user or file error, 130 Ctrl-C."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error (argparse printed it)
         return exc.code if isinstance(exc.code, int) else 2
     try:
+        _check_device(getattr(args, "device", None))
         return int(args.func(args) or 0)
     except TrustMAEError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the OS refused a file operation (a file where a folder should be, no space, ...)
+        where = f": {exc.filename}" if exc.filename else ""
+        message = TrustMAEError(f"{exc.strerror or exc}{where}; check the path, permissions and free space")
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves first and says so itself)
+        print("interrupted", file=sys.stderr)
+        return 130

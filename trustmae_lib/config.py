@@ -73,6 +73,12 @@ class Profile:
         return _build(self.name, {**self.to_dict(), **changes}, source="override")
 
 
+#: Smallest allowed value of each integer field (checked by :func:`load_profile`).
+_MINIMUM = {"image_size": 32, "synthetic_size": 32, "synthetic_train": 1, "synthetic_test_good": 1,
+            "synthetic_test_defect": 1, "elpv_max_per_class": 0, "batch_size": 1, "steps": 1, "log_every": 0,
+            "checkpoint_every": 0, "seeds": 1}  # fmt: skip
+
+
 def _build(name: str, raw: dict, source: str) -> Profile:
     known = {f.name: f for f in fields(Profile)}
     values = {}
@@ -91,6 +97,14 @@ def _build(name: str, raw: dict, source: str) -> Profile:
         values[key] = value
     values.setdefault("name", name)
     profile = Profile(**values)
+    # Sizes and counts below these would train nothing or fail deep inside torch; rates: positive and finite.
+    for key, low in _MINIMUM.items():
+        if getattr(profile, key, low) < low:
+            raise TrustMAEError(f"{source}: key '{key}' must be at least {low}, got {getattr(profile, key)}")
+    for key in ("lr", "lr_disc", "memory_temperature"):
+        value = getattr(profile, key)
+        if not 0 < value < float("inf"):
+            raise TrustMAEError(f"{source}: key '{key}' must be a positive number, got {value}")
     if profile.image_size % 32:
         raise TrustMAEError(
             f"{source}: image_size {profile.image_size} must be a multiple of 32 (Table 1 has "

@@ -193,6 +193,10 @@ def list_categories(root: str | Path) -> list[str]:
     root = _check_root(root)
     dirs = _subdirs(root)
     cats = [d.name for d in dirs if (d / "train").is_dir()]
+    if not cats and (root / "train").is_dir():
+        raise TrustMAEError(
+            f"{root} is a category folder (it holds train/), not a data root; pass its parent {root.parent}"
+        )
     if not cats:
         first = dirs[0] if dirs else root / "<category>"
         raise TrustMAEError(
@@ -318,12 +322,15 @@ def mvtec_count_mismatch(index: CategoryIndex) -> str | None:
 
 
 def _open(path: Path, what: str) -> Image.Image:
+    img = None
     try:
         img = Image.open(path)
         img.load()  # decode now: a truncated file fails here, not later
     except FileNotFoundError:
         raise TrustMAEError(f"{what} {path} does not exist; rescan the dataset") from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        if img is not None:
+            img.close()  # a header that opened but data that did not decode: release the file
         raise TrustMAEError(f"cannot read {what} {path} ({exc}); replace or delete the file") from None
     return img
 
@@ -559,24 +566,48 @@ def cache_dir_for(root: str | Path) -> Path:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _dihedral_ops(hflip: bool, vflip: bool, quarter_turns: int) -> tuple[tuple[int, ...], bool]:
+    """One symmetry of the square as ``(dims to flip, transpose last two dims afterwards)``.
+
+    ``hflip`` (flip W), then ``vflip`` (flip H), then ``quarter_turns`` counter-clockwise turns by 90 degrees
+    (``torch.rot90(x, 1, (-2, -1))`` = flip W, then transpose) collapse into a single flip followed by an optional
+    transpose: a turn toggles the W flip when not yet transposed, else the H flip, and toggles the transpose.
+    """
+    flip_h, flip_w, transpose = vflip, hflip, False
+    for _ in range(quarter_turns % 4):
+        if transpose:
+            flip_h = not flip_h
+        else:
+            flip_w = not flip_w
+        transpose = not transpose
+    return tuple(d for d, on in ((-2, flip_h), (-1, flip_w)) if on), transpose
+
+
+def _apply_dihedral(x: torch.Tensor, dims: tuple[int, ...], transpose: bool) -> torch.Tensor:
+    """``x.flip(dims)`` then an optional transpose of the last two dims (a view); at most one copy."""
+    if dims:
+        x = x.flip(dims)
+    return x.transpose(-2, -1) if transpose else x
+
+
 def _dihedral(image, mask, hflip: bool, vflip: bool, quarter_turns: int):
-    """Apply one symmetry of the square to an image and its mask with the same v2 calls (keeps them aligned).
+    """Apply one symmetry of the square to an image and its mask with the same operations (keeps them aligned).
+
+    Equal, pixel for pixel, to torchvision v2's ``horizontal_flip``, ``vertical_flip`` and ``rotate`` by
+    ``90 * quarter_turns`` degrees in that order (all are permutations of the pixels), in one copy.
 
     Args:
         image: ``(..., C, S, S)``; mask: ``(..., 1, S, S)``.
         hflip, vflip: flip left-right / top-bottom.
         quarter_turns: counter-clockwise rotations by 90 degrees.
     """
-    image, mask = tv_tensors.Image(image), tv_tensors.Mask(mask)
-    if hflip:
-        image, mask = F.horizontal_flip(image), F.horizontal_flip(mask)
-    if vflip:
-        image, mask = F.vertical_flip(image), F.vertical_flip(mask)
-    if quarter_turns % 4:
-        # A multiple of 90 degrees on a square tensor is an exact permutation of pixels (no interpolation).
-        angle = 90.0 * (quarter_turns % 4)
-        image, mask = F.rotate(image, angle), F.rotate(mask, angle)
-    return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
+    dims, transpose = _dihedral_ops(hflip, vflip, quarter_turns)
+    if not dims and not transpose:
+        return image.clone(), mask.clone()
+    return (
+        _apply_dihedral(image, dims, transpose).contiguous(),
+        _apply_dihedral(mask, dims, transpose).contiguous(),
+    )
 
 
 def augment(
@@ -607,11 +638,13 @@ def augment(
     b = images.shape[0]
     # One integer per sample encodes (hflip, vflip, quarter turns): 16 codes, each symmetry hit twice.
     codes = torch.randint(0, 16, (b,), generator=generator)
-    out_i, out_m = images.clone(), masks.clone()
-    for code in codes.unique().tolist():
+    # Every sample belongs to exactly one code group, so the outputs are fully written (no clone needed).
+    out_i, out_m = torch.empty_like(images), torch.empty_like(masks)
+    for code in codes.unique().tolist():  # at most 16 groups, each transformed as one batch
         sel = (codes == code).nonzero().flatten().to(images.device)
-        im, mk = _dihedral(images[sel], masks[sel], bool(code & 1), bool(code & 2), code >> 2)
-        out_i[sel], out_m[sel] = im, mk
+        dims, transpose = _dihedral_ops(bool(code & 1), bool(code & 2), code >> 2)
+        out_i[sel] = _apply_dihedral(images[sel], dims, transpose)
+        out_m[sel] = _apply_dihedral(masks[sel], dims, transpose)
     return out_i, out_m
 
 

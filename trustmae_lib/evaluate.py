@@ -595,7 +595,11 @@ def score_files(
     result_path = Path(run_dir) / RESULT
     threshold = None
     if result_path.is_file():
-        threshold = read_json(result_path).get("metrics", {}).get(variant, {}).get("threshold", {}).get("value")
+        try:
+            stored = read_json(result_path).get("metrics", {}).get(variant, {})
+            threshold = stored.get("threshold", {}).get("value")
+        except (ValueError, AttributeError):  # not JSON, or not the dict evaluate writes
+            raise TrustMAEError(f"{result_path} is not a result file; delete it or re-run evaluate") from None
     if threshold is None:
         train_scores = score(trained, _train_images(trained, size), variant, batch_size).pred_scores
         threshold = fit_threshold(train_scores.numpy(), trained.spec.noise_ratio)["value"]

@@ -14,11 +14,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    """The process's umask (read by setting and restoring it; there is no read-only call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "wb") -> Iterator:
     """Open a temporary sibling of ``path`` for writing; on success rename it onto ``path``.
 
-    On any exception the temporary file is removed and ``path`` is left as it was.
+    On any exception the temporary file is removed and ``path`` is left as it was. The file gets the
+    permissions a plain ``open`` would give it (``0o666`` less the umask), not ``mkstemp``'s ``0o600``.
 
     Example:
         >>> import tempfile, pathlib
@@ -33,6 +41,7 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as handle:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
             yield handle
             handle.flush()
             os.fsync(handle.fileno())

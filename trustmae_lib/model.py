@@ -207,7 +207,8 @@ class TrustMAE(nn.Module):
         detach_untrusted: untrusted locations address and read a detached memory (only with ``trust_region``).
         inner_quantile, outer_quantile: trust radii as quantiles of recent nearest-slot distances.
         use_memory: ``False`` = plain auto-encoder (decoder reads the encoder output).
-        use_margin: compute ``L_margin``; ``None`` = same as ``trust_region``.
+        use_margin: compute ``L_margin`` (default off: its default weight is 0, see ``losses.LossWeights``);
+            ``None`` = same as ``trust_region``.
         margin: triplet margin of ``L_margin`` (on unit vectors).
         trust_history, fixed_radii, pull: passed to :class:`TrustRegion`.
         similarity, shrink_threshold: passed to :class:`MemoryModule`.
@@ -232,7 +233,7 @@ class TrustMAE(nn.Module):
         inner_quantile: float = 0.8,
         outer_quantile: float = 0.98,
         use_memory: bool = True,
-        use_margin: bool | None = None,
+        use_margin: bool | None = False,
         margin: float = 1.0,
         trust_history: int = 32,
         fixed_radii: tuple[float, float] | None = None,

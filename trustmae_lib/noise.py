@@ -367,6 +367,17 @@ def _safe_relative(rel, manifest_path: Path) -> str:
     return rel
 
 
+def _inside_root(root: Path, rel, manifest_path: Path) -> Path:
+    """``root / rel``, checked as text (:func:`_safe_relative`) and on disk (no symlink out of ``root``)."""
+    path = root / _safe_relative(rel, manifest_path)
+    if not path.resolve().is_relative_to(root):
+        raise TrustMAEError(
+            f"manifest {manifest_path}: path {rel!r} resolves to {path.resolve()}, outside the data root "
+            f"{root}; keep every file inside the root (copy it in instead of linking to it)"
+        )
+    return path
+
+
 def load_manifest(path: str | Path, root: str | Path) -> NoisySplit:
     """Rebuild a :class:`NoisySplit` from a manifest written by :func:`save_manifest`.
 
@@ -376,7 +387,7 @@ def load_manifest(path: str | Path, root: str | Path) -> NoisySplit:
 
     Raises:
         TrustMAEError: unreadable or inconsistent manifest, unknown version, or a path that is absolute or
-            leaves the root (``../``).
+            leaves the root (``../`` or a symlink).
     """
     path, root = Path(path), Path(root).expanduser().resolve()  # absolute, like CategoryIndex.root
     try:
@@ -401,10 +412,10 @@ def load_manifest(path: str | Path, root: str | Path) -> NoisySplit:
                 )
             mask = entry["mask"]
             sample = Sample(
-                image=root / _safe_relative(entry["image"], path),
+                image=_inside_root(root, entry["image"], path),
                 label=int(entry["label"]),
                 defect_type=str(entry["defect_type"]),
-                mask=None if mask is None else root / _safe_relative(mask, path),
+                mask=None if mask is None else _inside_root(root, mask, path),
             )
             if role == "test":
                 test.append(sample)

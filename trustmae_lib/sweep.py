@@ -27,6 +27,7 @@ import time
 import traceback
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,12 +119,19 @@ def load_sweep(name_or_path: str | Path) -> SweepConfig:
     return config
 
 
+def _file_stem(spec: RunSpec) -> str:
+    """``<run name>-<config hash>``, dataset and profile paths shortened to names (as in the run folders)."""
+    name, profile = Path(spec.dataset).name or "data", Path(spec.profile).stem
+    short = dataclasses.replace(spec, dataset=name, profile=profile)
+    return f"{short.run_name()}-{spec.config_hash()}"
+
+
 def result_path(spec: RunSpec, results_dir: Path) -> Path:
-    return results_dir / f"{spec.run_name()}-{spec.config_hash()}.json"
+    return results_dir / f"{_file_stem(spec)}.json"
 
 
 def failure_path(spec: RunSpec, results_dir: Path) -> Path:
-    return results_dir / "failed" / f"{spec.run_name()}-{spec.config_hash()}.json"
+    return results_dir / "failed" / f"{_file_stem(spec)}.json"
 
 
 def is_done(spec: RunSpec, results_dir: Path) -> bool:
@@ -223,9 +231,14 @@ def run_sweep(
 
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(run_cell, s, config.results_dir, config.runs_dir, threads, device) for s in todo]
+            args = (config.results_dir, config.runs_dir, threads, device)
+            futures = {pool.submit(run_cell, s, *args): s for s in todo}
             for future in as_completed(futures):
-                record(future.result())
+                try:
+                    record(future.result())
+                except BrokenProcessPool:  # a worker was killed (SIGKILL, out of memory): the pool stops
+                    error = "a worker process died (killed or out of memory); run the sweep again"
+                    record({"spec": futures[future], "ok": False, "error": error})
     bar.close()
     return summary
 
