@@ -12,7 +12,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 EXECUTED := $(patsubst notebooks/%,book/%,$(NOTEBOOKS))
 export PYTHONHASHSEED := 0
 
-.PHONY: all install book data notebooks html test lint format reproduce bench clean
+.PHONY: all install book data notebooks html test lint format reproduce sweep bench clean
 
 all: book
 
@@ -55,6 +55,13 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -p no:cacheprovider tests
 	$(BIN)/pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env notebooks
+
+# The embedded-default noise study (configs/sweep_cpu.yaml) from scratch; `make sweep` only fills in missing cells.
+reproduce: $(STAMP)
+	$(PY) -m trustmae_lib sweep sweep_cpu --fresh
+
+sweep: $(STAMP)
+	$(PY) -m trustmae_lib sweep sweep_cpu
 
 clean:
 	rm -rf _build book/[0-9][0-9]_*.ipynb
