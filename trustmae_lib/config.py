@@ -197,8 +197,13 @@ class RunSpec:
         return dataclasses.asdict(self)
 
     def config_hash(self) -> str:
-        """Hash of the spec *and* the resolved profile values (12 hex digits)."""
-        blob = json.dumps({"spec": self.to_dict(), "profile": self.load_profile().to_dict()}, sort_keys=True)
+        """Hash of the spec, the resolved profile, the library version and the loss weights (12 hex digits)."""
+        from . import __version__
+        from .losses import LossWeights
+
+        # The library version and the Eq. 9 weights are part of the key: a changed default invalidates old runs.
+        blob = json.dumps({"spec": self.to_dict(), "profile": self.load_profile().to_dict(), "version": __version__,
+                           "loss_weights": dataclasses.asdict(LossWeights())}, sort_keys=True)  # fmt: skip
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def run_name(self) -> str:
