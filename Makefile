@@ -63,5 +63,13 @@ reproduce: $(STAMP)
 sweep: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu
 
+# Performance benchmarks (benchmarks/README.md) -> results/bench/*.json, read by the performance chapter.
+bench: $(STAMP)
+	$(PY) benchmarks/bench_train.py --out results/bench/train.json
+	$(PY) benchmarks/bench_score.py --out results/bench/score.json
+	$(PY) benchmarks/bench_memory.py --out results/bench/memory.json
+	$(PY) benchmarks/profile_step.py --out results/bench/profile.json
+	$(PY) benchmarks/bench_changes.py --out results/bench/changes.json
+
 clean:
 	rm -rf _build book/[0-9][0-9]_*.ipynb

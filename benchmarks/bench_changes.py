@@ -1,0 +1,189 @@
+"""Before/after measurements of the speed changes made to the library, each in one process, outputs compared.
+
+1. ``data.augment`` (the per-step flips and quarter turns of the training loop): it used to clone the batch and
+   apply torchvision's ``horizontal_flip``, ``vertical_flip`` and ``rotate`` one after the other to every group of
+   samples with the same symmetry; it now writes into an empty tensor and applies one ``flip`` plus a transpose
+   view per group. The *before* code is kept here verbatim as the reference; both must give identical tensors.
+   Timed at the batch shapes of the training loop: 128 px (``cpu`` TrustMAE), 256 px (``paper``) and 512 px
+   (AE-L2 / AE-SSIM textures, resized to 4x before cropping).
+
+2. *Proposed, not applied* (it belongs to ``train.py``): for AE-L2 / AE-SSIM on textures the loop gathers the
+   batch's whole 512-px texture images, augments them and then crops 128-px windows; cropping the windows
+   straight from the in-memory training tensor and augmenting only the windows draws from the same distribution
+   (the valid crop positions are symmetric under the flips and quarter turns) and touches a sixteenth of the
+   pixels. Not the same random draws, so not identical output.
+
+The memory-layout change (channels-last) is a proposal for the training loop, measured by ``bench_train.py``.
+
+Usage::
+
+    python benchmarks/bench_changes.py
+    python benchmarks/bench_changes.py --sizes 32 --repeats 3 --out /tmp/changes.json
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchvision.transforms.v2.functional as F
+from torchvision import tv_tensors
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+from trustmae_lib.data import augment  # noqa: E402
+
+
+def _dihedral_before(image, mask, hflip: bool, vflip: bool, quarter_turns: int):
+    """The library's ``_dihedral`` before the change (torchvision v2 calls, one copy each)."""
+    image, mask = tv_tensors.Image(image), tv_tensors.Mask(mask)
+    if hflip:
+        image, mask = F.horizontal_flip(image), F.horizontal_flip(mask)
+    if vflip:
+        image, mask = F.vertical_flip(image), F.vertical_flip(mask)
+    if quarter_turns % 4:
+        angle = 90.0 * (quarter_turns % 4)
+        image, mask = F.rotate(image, angle), F.rotate(mask, angle)
+    return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
+
+
+def augment_before(images, masks, fixed_orientation, generator=None):
+    """The library's ``augment`` before the change."""
+    if fixed_orientation or images.shape[0] == 0:
+        return images, masks
+    b = images.shape[0]
+    codes = torch.randint(0, 16, (b,), generator=generator)
+    out_i, out_m = images.clone(), masks.clone()
+    for code in codes.unique().tolist():
+        sel = (codes == code).nonzero().flatten().to(images.device)
+        im, mk = _dihedral_before(images[sel], masks[sel], bool(code & 1), bool(code & 2), code >> 2)
+        out_i[sel], out_m[sel] = im, mk
+    return out_i, out_m
+
+
+def measure_augment(size: int, batch: int, repeats: int) -> dict:
+    """Median ms of both versions on the same batches (interleaved), and whether their outputs are identical."""
+    gen = torch.Generator().manual_seed(0)
+    pool = torch.rand(4 * batch, 3, size, size, generator=gen) * 2 - 1
+    masks = torch.zeros(4 * batch, 1, size, size)
+    times = {"before": [], "after": []}
+    identical = True
+    for r in range(repeats + 2):  # two warm-up rounds
+        idx = torch.randperm(4 * batch, generator=gen)[:batch]
+        outs = {}
+        for name, fn in (("before", augment_before), ("after", augment)):
+            t0 = time.perf_counter()
+            outs[name] = fn(pool[idx], masks[idx], False, torch.Generator().manual_seed(r))
+            if r >= 2:
+                times[name].append(time.perf_counter() - t0)
+        identical &= all(torch.equal(a, b) for a, b in zip(outs["before"], outs["after"], strict=True))
+    before, after = statistics.median(times["before"]), statistics.median(times["after"])
+    return {
+        "change": "data.augment: one flip + transpose view per symmetry group, no clone",
+        "where": "trustmae_lib/data.py (augment, _dihedral)",
+        "applied": True,
+        "shape": [batch, 3, size, size],
+        "before_ms": round(before * 1e3, 3),
+        "after_ms": round(after * 1e3, 3),
+        "speedup": round(before / after, 3),
+        "identical_output": bool(identical),
+        "runs_before_s": [round(t, 6) for t in times["before"]],
+        "runs_after_s": [round(t, 6) for t in times["after"]],
+    }
+
+
+def crops_from(images: torch.Tensor, idx: torch.Tensor, crop: int, generator: torch.Generator) -> torch.Tensor:
+    """One random ``crop x crop`` window of each ``images[idx]``, read without copying the whole images first.
+
+    The same draws and indexing as :func:`trustmae_lib.baselines.random_crops`, with the batch index ``idx``.
+    """
+    b, (_, _, h, w) = idx.shape[0], images.shape
+    top = torch.randint(0, h - crop + 1, (b,), generator=generator)
+    left = torch.randint(0, w - crop + 1, (b,), generator=generator)
+    offs = torch.arange(crop)
+    rows = (top[:, None] + offs)[:, :, None]  # (B, crop, 1)
+    cols = (left[:, None] + offs)[:, None, :]  # (B, 1, crop)
+    return images[idx[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()  # (B, 3, crop, crop)
+
+
+def measure_crop_first(size: int, crop: int, batch: int, repeats: int) -> dict:
+    """The texture baselines' batch draw: augment then crop (the loop today) vs crop then augment (proposal)."""
+    from trustmae_lib.baselines import random_crops
+
+    gen = torch.Generator().manual_seed(0)
+    pool = torch.rand(4 * batch, 3, size, size, generator=gen) * 2 - 1
+    masks = torch.zeros(4 * batch, 1, size, size)
+    times = {"before": [], "after": []}
+    for r in range(repeats + 2):
+        idx = torch.randperm(4 * batch, generator=gen)[:batch]
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(r)
+        x, _ = augment(pool[idx], masks[idx], False, g)
+        x = random_crops(x, crop, generator=g)
+        t1 = time.perf_counter()
+        g = torch.Generator().manual_seed(r)
+        windows = crops_from(pool, idx, crop, g)
+        y, _ = augment(windows, torch.zeros(batch, 1, crop, crop), False, g)
+        t2 = time.perf_counter()
+        assert x.shape == y.shape == (batch, 3, crop, crop)
+        if r >= 2:
+            times["before"].append(t1 - t0)
+            times["after"].append(t2 - t1)
+    before, after = statistics.median(times["before"]), statistics.median(times["after"])
+    return {
+        "change": "proposed for train.py: crop the texture windows straight from the training tensor, then augment",
+        "where": "trustmae_lib/train.py (_fit, batch draw)",
+        "applied": False,
+        "shape": [batch, 3, size, size],
+        "before_ms": round(before * 1e3, 3),
+        "after_ms": round(after * 1e3, 3),
+        "speedup": round(before / after, 3),
+        "identical_output": False,
+        "runs_before_s": [round(t, 6) for t in times["before"]],
+        "runs_after_s": [round(t, 6) for t in times["after"]],
+    }
+
+
+def parse_args(argv=None):
+    p = common.base_parser(__doc__.splitlines()[0], "results/bench/changes.json")
+    p.set_defaults(repeats=15)
+    p.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--texture", type=int, nargs=2, default=[512, 128], metavar=("SIZE", "CROP"))
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = common.setup_run(args)
+    if device.type != "cpu":
+        raise SystemExit("bench_changes.py measures the CPU data path; run it with --device cpu")
+    machine = common.machine_info(device)
+    common.log(f"bench_changes: {machine['cpu']} | threads {machine['torch_threads']}")
+    rows = []
+    common.wait_idle(args.wait_idle)
+    for size in args.sizes:
+        row = measure_augment(size, args.batch, args.repeats)
+        rows.append(row)
+        common.log(
+            f"  augment {row['shape']}: {row['before_ms']:.2f} -> {row['after_ms']:.2f} ms "
+            f"({row['speedup']:.2f}x), identical {row['identical_output']}"
+        )
+    row = measure_crop_first(args.texture[0], args.texture[1], args.batch, args.repeats)
+    rows.append(row)
+    common.log(
+        f"  proposal, crop before augment {row['shape']}: {row['before_ms']:.2f} -> {row['after_ms']:.2f} ms "
+        f"({row['speedup']:.2f}x)"
+    )
+    path = common.write_result(args.out, "changes", machine, {"args": vars(args), "results": rows})
+    common.log(f"  wrote {path}")
+    return 0 if all(r["identical_output"] for r in rows if r["applied"]) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,203 @@
+"""benchmarks/: a CPU dry run of every script at tiny sizes -- the result files' schema and invariants, not speed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+TINY = ["--threads", "1", "--matmul-size", "128", "--repeats", "1", "--warmup", "0", "--wait-idle", "0"]
+
+
+def _load(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def keep_threads():
+    """The scripts set the torch thread count of the process; restore it for the other tests."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _check_header(data: dict, kind: str) -> None:
+    assert data["schema"] == 1 and data["kind"] == kind
+    machine = data["machine"]
+    for key in ("cpu", "logical_cpus", "torch_threads", "torch", "trustmae_lib", "load_average", "load_average_end"):
+        assert key in machine, key
+    assert machine["torch_threads"] == 1
+    assert len(machine["load_average"]) == 3
+    assert data["limits"]["float32"]["gflops"] > 0 and data["limits"]["float32"]["size"] == 128
+    assert data["reference_limit_gflops"] == data["limits"]["float32"]["gflops"]
+    assert data["results"]
+
+
+def test_count_flops_matches_flop_counter_mode_and_works_in_inference_mode():
+    common = _load("common")
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ConvTranspose2d(8, 4, 4, 2, 1), nn.Flatten(), nn.Linear(4 * 28 * 28, 5))
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+
+    def train_step():
+        net(x).sum().backward()
+
+    with FlopCounterMode(display=False) as ref:
+        train_step()
+    assert common.count_flops(train_step) == ref.get_total_flops() > 0
+    with torch.no_grad(), FlopCounterMode(display=False) as fwd:
+        net(x)
+    with torch.inference_mode():
+        assert common.count_flops(lambda: net(x)) == fwd.get_total_flops()
+
+
+def test_bench_train_schema(tmp_path, keep_threads):
+    out = tmp_path / "train.json"
+    args = ["--profiles", "smoke", "--methods", "trustmae", "memae", "--out", str(out)]
+    assert _load("bench_train").main(args + TINY) == 0
+    data = json.loads(out.read_text())
+    _check_header(data, "train")
+    rows = data["results"]
+    assert {(r["method"], r["layout"]) for r in rows} == {
+        (m, lay) for m in ("trustmae", "memae") for lay in ("nchw", "channels_last")
+    }
+    for r in rows:
+        assert "error" not in r
+        assert r["profile"] == "smoke" and r["batch"] == 4 and r["input_size"] == 64
+        assert r["step_ms"] > 0 and r["images_per_s"] > 0 and 0 <= r["data_share"] < 1
+        assert len(r["step"]["runs_s"]) == 1
+        assert math.isclose(r["achieved_gflops"], r["gflop_per_step"] / (r["step_ms"] / 1e3), rel_tol=0.02)
+        # The ratio is to the matmul limit measured just before this configuration.
+        assert math.isclose(r["ratio_to_matmul"], r["achieved_gflops"] / r["limit_gflops"], rel_tol=0.02, abs_tol=1e-4)
+        assert 0 < r["cpu_utilisation"] and "busy_before" in r and r["waited_s"] >= 0
+        assert r["memory"]["peak_mib"] >= r["memory"]["start_mib"] > 0
+    # The memory layout changes the speed, never the arithmetic.
+    for method in ("trustmae", "memae"):
+        flops = {r["gflop_per_step"] for r in rows if r["method"] == method}
+        assert len(flops) == 1, flops
+    trustmae = next(r for r in rows if r["method"] == "trustmae")
+    assert trustmae["backbone"] == "efficientnet_lite0" and trustmae["backbone_weights"]
+
+
+def test_bench_score_schema(tmp_path, keep_threads):
+    out = tmp_path / "score.json"
+    args = ["--profiles", "smoke", "--methods", "trustmae", "ae_l2", "--layouts", "nchw", "--images", "2"]
+    assert _load("bench_score").main(args + ["--out", str(out)] + TINY) == 0
+    data = json.loads(out.read_text())
+    _check_header(data, "score")
+    rows = {(r["method"], r["variant"], r["category"]): r for r in data["results"]}
+    assert set(rows) == {
+        ("trustmae", "perceptual", "brick"),
+        ("trustmae", "pixel", "brick"),
+        ("ae_l2", "residual", "brick"),
+        ("ae_l2", "residual", "widget"),
+    }
+    for r in rows.values():
+        assert "error" not in r and r["images_per_s"] > 0 and r["gflop_per_image"] > 0
+    # The perceptual map adds the backbone to the reconstruction: more work than the pixel map.
+    assert (
+        rows["trustmae", "perceptual", "brick"]["gflop_per_image"]
+        > rows["trustmae", "pixel", "brick"]["gflop_per_image"]
+    )
+    # AE-L2 scores a texture at 4x its window size with sliding windows, an object with one window.
+    texture, obj = rows["ae_l2", "residual", "brick"], rows["ae_l2", "residual", "widget"]
+    assert texture["score_size"] == 4 * texture["model_input"] and obj["score_size"] == obj["model_input"]
+    assert texture["gflop_per_image"] > 16 * obj["gflop_per_image"]
+
+
+def test_bench_memory_schema_and_no_loops_over_locations_or_slots(tmp_path, keep_threads):
+    out = tmp_path / "memory.json"
+    args = ["--slots", "8", "32", "--locations", "32", "128", "--dim", "16", "--topk", "4", "--out", str(out)]
+    assert _load("bench_memory").main(args + TINY) == 0
+    data = json.loads(out.read_text())
+    _check_header(data, "memory")
+    rows = data["results"]
+    assert {(r["locations"], r["slots"]) for r in rows} == {(n, m) for n in (32, 128) for m in (8, 32)}
+    for part in ("memory", "trust_region"):
+        # The same number of operators for every N and M: nothing loops over locations or slots in Python.
+        assert len({r[part]["aten_ops"] for r in rows}) == 1
+        assert all(r[part]["ms"] > 0 for r in rows)
+    by = {(r["locations"], r["slots"]): r for r in rows}
+    # The similarity matmul grows with N * M and so do the tensors saved for backward.
+    assert by[128, 32]["memory"]["gflop"] > by[32, 32]["memory"]["gflop"] > by[32, 8]["memory"]["gflop"]
+    assert by[128, 32]["memory"]["saved_mib"] > by[32, 8]["memory"]["saved_mib"]
+
+
+def test_profile_step_schema(tmp_path, keep_threads):
+    out = tmp_path / "profile.json"
+    assert _load("profile_step").main(["--profiles", "smoke", "--out", str(out)] + TINY) == 0
+    data = json.loads(out.read_text())
+    _check_header(data, "profile")
+    (row,) = data["results"]
+    assert math.isclose(sum(c["share"] for c in row["categories"]), 1.0, abs_tol=0.01)
+    cats = {c["category"] for c in row["categories"]}
+    assert {"conv forward", "conv backward", "optimizer (Adam)"} <= cats
+    assert {p["part"] for p in row["parts"]} >= {"encoder", "memory", "decoder", "discriminator", "backbone"}
+    names = [layer["layer"] for layer in row["layers"]]
+    assert "TrustMAE.encoder.layers.conv_in.conv" in names and any(n.startswith("Discriminator.") for n in names)
+    # Every convolution ran forward; the generator's also ran backward (they are trained).
+    for layer in row["layers"]:
+        assert layer["fwd_ms"] > 0, layer["layer"]
+        if layer["network"] == "generator":
+            assert layer["bwd_ms"] > 0 and layer["gflop"] > 0, layer["layer"]
+    # Layer FLOPs (FlopCounterMode, per module) add up to at most the step's total.
+    assert 0 < sum(layer["gflop"] for layer in row["layers"]) <= row["step_gflop"] * 1.0001
+
+
+def test_bench_changes_compares_identical_outputs(tmp_path, keep_threads):
+    out = tmp_path / "changes.json"
+    args = ["--sizes", "16", "24", "--batch", "8", "--texture", "32", "8", "--out", str(out), "--wait-idle", "0"]
+    assert _load("bench_changes").main(args + ["--threads", "1", "--repeats", "2"]) == 0
+    data = json.loads(out.read_text())
+    assert data["kind"] == "changes" and data["machine"]["torch_threads"] == 1
+    rows = data["results"]
+    assert [(r["shape"], r["applied"]) for r in rows] == [
+        ([8, 3, 16, 16], True),
+        ([8, 3, 24, 24], True),
+        ([8, 3, 32, 32], False),
+    ]
+    for r in rows:
+        # An applied change must leave the output bit for bit the same.
+        assert r["identical_output"] is r["applied"] and r["before_ms"] > 0 and r["after_ms"] > 0
+        assert math.isclose(r["speedup"], r["before_ms"] / r["after_ms"], rel_tol=0.01)
+
+
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    out = tmp_path / "gpu"
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_check.sh"), "--device", "cpu", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    files = sorted(p.name for p in out.glob("*.json"))
+    assert files == ["score_bf16_cl.json", "train_bf16_cl.json", "train_bf16_cl_b8.json"]
+    train = json.loads((out / "train_bf16_cl.json").read_text())
+    assert train["limits"]["bfloat16"]["gflops"] > 0
+    assert train["reference_limit_gflops"] == train["limits"]["bfloat16"]["gflops"]
+    assert all(r["amp"] == "bf16" and r["layout"] == "channels_last" and "error" not in r for r in train["results"])
+    assert "== targets" in proc.stdout
+
+
+def test_gpu_check_rejects_unknown_arguments():
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--bogus"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown argument" in proc.stderr
