@@ -70,6 +70,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_memory.py --out results/bench/memory.json
 	$(PY) benchmarks/profile_step.py --out results/bench/profile.json
 	$(PY) benchmarks/bench_changes.py --out results/bench/changes.json
+	$(PY) benchmarks/report.py results/bench
 
 clean:
 	rm -rf _build book/[0-9][0-9]_*.ipynb
