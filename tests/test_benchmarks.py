@@ -85,7 +85,8 @@ def test_bench_train_schema(tmp_path, keep_threads):
         # The ratio is to the matmul limit measured just before this configuration.
         assert math.isclose(r["ratio_to_matmul"], r["achieved_gflops"] / r["limit_gflops"], rel_tol=0.02, abs_tol=1e-4)
         assert 0 < r["cpu_utilisation"] and "busy_before" in r and r["waited_s"] >= 0
-        assert r["memory"]["peak_mib"] >= r["memory"]["start_mib"] > 0
+        # The high-water mark is reset just before the run; RSS may shrink by a page or so meanwhile.
+        assert r["memory"]["peak_mib"] >= r["memory"]["start_mib"] - 1.0 and r["memory"]["start_mib"] > 0
     # The memory layout changes the speed, never the arithmetic.
     for method in ("trustmae", "memae"):
         flops = {r["gflop_per_step"] for r in rows if r["method"] == method}
