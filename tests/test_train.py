@@ -222,3 +222,39 @@ def test_different_seeds_give_different_runs_and_same_seed_the_same(tmp_path):
     _same_weights(a.models, b.models)
     first = next(iter(a.models["model"].state_dict()))
     assert not torch.equal(a.models["model"].state_dict()[first], c.models["model"].state_dict()[first])
+
+
+def test_recalibrate_batchnorm_recomputes_statistics_over_the_training_set():
+    from trustmae_lib.train import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    bn = net[1]
+    bn.running_mean.fill_(7.0)
+    bn.running_var.fill_(9.0)
+    images = torch.randn(16, 3, 8, 8) * 2 + 1
+    net.train()
+    assert recalibrate_batchnorm(net, images, batch_size=8) == 1
+    with torch.no_grad():
+        feats = net[0](images)  # (16, 4, 6, 6)
+    batch_vars = [f.transpose(0, 1).reshape(4, -1).var(dim=1, unbiased=True) for f in feats.split(8)]
+    torch.testing.assert_close(bn.running_mean, feats.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.running_var, torch.stack(batch_vars).mean(0), rtol=1e-4, atol=1e-5)
+    assert bn.momentum == 0.1 and net.training  # restored
+
+
+def test_recalibrate_batchnorm_leaves_the_trust_region_history_alone():
+    from trustmae_lib.model import TrustMAE
+    from trustmae_lib.train import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = TrustMAE(width=0.125, memory_slots=8, memory_topk=2)
+    model.train()
+    model(torch.rand(4, 3, 64, 64) * 2 - 1)  # one training forward records a trust-region sketch
+    before = {k: v.clone() for k, v in model.trust.state_dict().items()}
+    model.eval()
+    assert recalibrate_batchnorm(model, torch.rand(6, 3, 64, 64) * 2 - 1, batch_size=3) > 0
+    assert not model.training
+    for k, v in model.trust.state_dict().items():
+        torch.testing.assert_close(v, before[k], equal_nan=True)
+    assert recalibrate_batchnorm(torch.nn.Conv2d(3, 3, 1), torch.zeros(2, 3, 4, 4), 2) == 0

@@ -45,12 +45,8 @@ class Profile:
     memory_slots: int = 32  # M (reading: not given in the supplement)
     memory_topk: int = 4  # sparse addressing: slots kept per location (reading)
     memory_temperature: float = 0.1  # softmax temperature of cosine addressing (reading)
-    memory_init: str = (
-        "features"  # TrustMAE slots at step 0: "features" (random encoder features) or "uniform"
-    )
-    backbone: str = (
-        "efficientnet_lite0"  # perceptual backbone: "vgg19" (paper) or "efficientnet_lite0" (offline)
-    )
+    memory_init: str = "features"  # TrustMAE slots at step 0: "features" (random encoder features) or "uniform"
+    backbone: str = "efficientnet_lite0"  # perceptual backbone: "vgg19" (paper) or "efficientnet_lite0" (offline)
     # --- training ---------------------------------------------------------------------------------------------
     batch_size: int = 4
     steps: int = 4
@@ -91,9 +87,7 @@ def _build(name: str, raw: dict, source: str) -> Profile:
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-            raise TrustMAEError(
-                f"{source}: key '{key}' must be {want.__name__}, got {type(value).__name__} {value!r}"
-            )
+            raise TrustMAEError(f"{source}: key '{key}' must be {want.__name__}, got {type(value).__name__} {value!r}")
         values[key] = value
     values.setdefault("name", name)
     profile = Profile(**values)
@@ -113,13 +107,9 @@ def _build(name: str, raw: dict, source: str) -> Profile:
     if not 0 < profile.width <= 4:
         raise TrustMAEError(f"{source}: width {profile.width} must be in (0, 4]; 1.0 is supplement Table 1")
     if profile.memory_init not in ("features", "uniform"):
-        raise TrustMAEError(
-            f"{source}: memory_init must be 'features' or 'uniform', got {profile.memory_init!r}"
-        )
+        raise TrustMAEError(f"{source}: memory_init must be 'features' or 'uniform', got {profile.memory_init!r}")
     if not 1 <= profile.memory_topk <= profile.memory_slots:
-        raise TrustMAEError(
-            f"{source}: memory_topk must be between 1 and memory_slots ({profile.memory_slots})"
-        )
+        raise TrustMAEError(f"{source}: memory_topk must be between 1 and memory_slots ({profile.memory_slots})")
     return profile
 
 
@@ -138,9 +128,7 @@ def load_profile(name_or_path: str | Path = "smoke", **overrides) -> Profile:
                 f"unknown profile '{name_or_path}'; choose one of {', '.join(PROFILES)} or pass a YAML file path"
             )
     if not path.is_file():
-        raise TrustMAEError(
-            f"profile file {path} does not exist; pass an existing YAML file or a profile name"
-        )
+        raise TrustMAEError(f"profile file {path} does not exist; pass an existing YAML file or a profile name")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -151,7 +139,10 @@ def load_profile(name_or_path: str | Path = "smoke", **overrides) -> Profile:
 
 
 #: Methods the harness trains. Scoring variants (w/o PD, w/o SP) reuse the trained models and are not methods.
-METHODS = ("trustmae", "trustmae_no_tr", "memae", "ae_l2", "ae_ssim")
+METHODS = ("trustmae", "trustmae_no_tr", "memae", "ae_l2", "ae_ssim")  # trained methods
+#: Context baselines with nothing to train (scored straight from a pretrained backbone): :mod:`~trustmae_lib.patchcore`.
+REFERENCE_METHODS = ("patchcore",)
+ALL_METHODS = METHODS + REFERENCE_METHODS
 PROTOCOLS = ("overlap", "disjoint")
 
 
@@ -174,14 +165,12 @@ class RunSpec:
     steps: int = 0  # 0 -> the profile's steps
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            close = difflib.get_close_matches(self.method, METHODS, n=1)
+        if self.method not in ALL_METHODS:
+            close = difflib.get_close_matches(self.method, ALL_METHODS, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise TrustMAEError(f"unknown method '{self.method}'{hint}; choose one of {', '.join(METHODS)}")
+            raise TrustMAEError(f"unknown method '{self.method}'{hint}; choose one of {', '.join(ALL_METHODS)}")
         if self.protocol not in PROTOCOLS:
-            raise TrustMAEError(
-                f"unknown noise protocol '{self.protocol}'; choose one of {', '.join(PROTOCOLS)}"
-            )
+            raise TrustMAEError(f"unknown noise protocol '{self.protocol}'; choose one of {', '.join(PROTOCOLS)}")
         if not 0.0 <= float(self.noise_ratio) <= 0.9:
             raise TrustMAEError(f"noise ratio {self.noise_ratio} is outside [0, 0.9]; pass e.g. 0.1 for 10 %")
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from .config import CONFIG_DIR, METHODS, PROTOCOLS, RunSpec
+from .config import ALL_METHODS, CONFIG_DIR, METHODS, PROTOCOLS, REFERENCE_METHODS, RunSpec
 from .errors import TrustMAEError
 from .io import read_json, write_json
 
@@ -52,20 +52,37 @@ class SweepConfig:
     noise_ratios: tuple = (0.0, 0.1, 0.2, 0.4)
     seeds: tuple = (0, 1, 2)
     protocol: str = "overlap"
+    steps: int | dict = 0  # training steps: one number for every method, or {method: steps}; 0 = the profile's
     results: str = ""  # folder of result files; default results/<profile>
     runs: str = ""  # folder of run folders (checkpoints); default runs/<profile>
 
     def grid(self) -> list[RunSpec]:
         """Every cell, in a stable order (the order shards are cut from)."""
         return [
-            RunSpec(dataset=str(d), category=c, noise_ratio=float(r), protocol=self.protocol, method=m,
-                    profile=self.profile, seed=int(s))  # fmt: skip
+            RunSpec(
+                dataset=str(d),
+                category=c,
+                noise_ratio=float(r),
+                protocol=self.protocol,
+                method=m,
+                profile=self.profile,
+                seed=int(s),
+                steps=self.steps_for(m),
+            )
             for d, categories in self.datasets.items()
             for c in categories
             for r in self.noise_ratios
             for m in self.methods
             for s in self.seeds
         ]
+
+    def steps_for(self, method: str) -> int:
+        """Training steps of ``method``'s cells (0 = the profile's; always 0 for methods with nothing to train)."""
+        if method in REFERENCE_METHODS:
+            return 0
+        if isinstance(self.steps, dict):
+            return int(self.steps.get(method, 0))
+        return int(self.steps)
 
     @property
     def results_dir(self) -> Path:
@@ -109,9 +126,17 @@ def load_sweep(name_or_path: str | Path) -> SweepConfig:
             if not isinstance(raw[key], list) or not raw[key]:
                 raise TrustMAEError(f"{path}: '{key}' must be a non-empty list")
             raw[key] = tuple(raw[key])
-    unknown = [m for m in raw.get("methods", ()) if m not in METHODS]
+    unknown = [m for m in raw.get("methods", ()) if m not in ALL_METHODS]
     if unknown:
-        raise TrustMAEError(f"{path}: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        raise TrustMAEError(f"{path}: unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
+    steps = raw.get("steps", 0)
+    values = list(steps.values()) if isinstance(steps, dict) else [steps]
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values) or (
+        isinstance(steps, dict) and any(m not in ALL_METHODS for m in steps)
+    ):
+        raise TrustMAEError(
+            f"{path}: 'steps' must be a whole number >= 0 (0 = the profile's) or a mapping method: steps, got {steps!r}"
+        )
     if raw.get("protocol", "overlap") not in PROTOCOLS:
         raise TrustMAEError(f"{path}: protocol must be one of {', '.join(PROTOCOLS)}")
     config = SweepConfig(**raw)
@@ -157,8 +182,13 @@ def run_cell(spec: RunSpec, results_dir: Path, runs_dir: Path, threads: int = 0,
     t0 = time.perf_counter()
     fail = failure_path(spec, results_dir)
     try:
-        run_dir = load_or_train(spec, runs_dir, progress=False)
-        result = evaluate(run_dir, device=device, spec=spec)
+        if spec.method == "patchcore":  # nothing to train: the bank is built from the training split
+            from .patchcore import evaluate_patchcore
+
+            result = evaluate_patchcore(spec, device=device)
+        else:
+            run_dir = load_or_train(spec, runs_dir, progress=False)
+            result = evaluate(run_dir, device=device, spec=spec)
         result = {**result, "sweep_wall_time_s": round(time.perf_counter() - t0, 2)}
         write_json(result_path(spec, results_dir), result)
         fail.unlink(missing_ok=True)
