@@ -58,10 +58,12 @@ test: $(STAMP)
 
 # The embedded-default noise study (configs/sweep_cpu.yaml) from scratch; `make sweep` only fills in missing cells.
 reproduce: $(STAMP)
-	$(PY) -m trustmae_lib sweep sweep_cpu --fresh
+	$(PY) -m trustmae_lib sweep sweep_cpu --fresh --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_textures --fresh --jobs 2
 
 sweep: $(STAMP)
-	$(PY) -m trustmae_lib sweep sweep_cpu
+	$(PY) -m trustmae_lib sweep sweep_cpu --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_textures --jobs 2
 
 # Performance benchmarks (benchmarks/README.md) -> results/bench/*.json, read by the performance chapter.
 bench: $(STAMP)

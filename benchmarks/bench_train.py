@@ -7,7 +7,8 @@ margin, trust), with both Adam updates. A baseline step is :meth:`trustmae_lib.t
 :func:`trustmae_lib.train.fit` builds them (:func:`~trustmae_lib.train.build_models`, the method classes,
 :func:`~trustmae_lib.train.init_memory_from_features`), and every step first draws its batch the way the training
 loop does (:func:`~trustmae_lib.train.batch_indices` on the in-memory training tensors, then
-:func:`~trustmae_lib.data.augment` and, for textures in the AE baselines, :func:`~trustmae_lib.baselines.random_crops`).
+:func:`~trustmae_lib.train.training_batch`: flips / quarter turns, and for textures in the AE baselines a random
+window cut first).
 
 Reported per (profile, method, memory layout): median ms per step and per data draw, the data share of the step,
 images/s, FLOPs per step (``FlopCounterMode``), achieved GFLOP/s and its ratio to the float32 matmul throughput
@@ -42,9 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from trustmae_lib import train as T  # noqa: E402
-from trustmae_lib.baselines import random_crops  # noqa: E402
 from trustmae_lib.config import RunSpec, load_profile  # noqa: E402
-from trustmae_lib.data import augment  # noqa: E402
 from trustmae_lib.errors import TrustMAEError  # noqa: E402
 from trustmae_lib.utils import seed_everything  # noqa: E402
 
@@ -104,9 +103,7 @@ class StepBench:
         """The batch of ``step``, drawn as in the training loop: ``(B, 3, S, S)``."""
         idx = T.batch_indices(step, self.n, self.batch, self.seed).to(self.device)
         gen = torch.Generator().manual_seed(T._mix(self.seed, step, 0))
-        x, _ = augment(self.images[idx], self.masks[idx], False, gen)
-        if self.crop is not None:
-            x = random_crops(x, self.crop, generator=gen)
+        x = T.training_batch(self.images, self.masks, idx, self.crop, False, gen)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x

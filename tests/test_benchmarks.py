@@ -170,11 +170,12 @@ def test_bench_changes_compares_identical_outputs(tmp_path, keep_threads):
     assert [(r["shape"], r["applied"]) for r in rows] == [
         ([8, 3, 16, 16], True),
         ([8, 3, 24, 24], True),
-        ([8, 3, 32, 32], False),
+        ([8, 3, 32, 32], True),
     ]
     for r in rows:
-        # An applied change must leave the output bit for bit the same.
-        assert r["identical_output"] is r["applied"] and r["before_ms"] > 0 and r["after_ms"] > 0
+        # An applied change must leave the output bit for bit the same -- unless it only keeps the distribution
+        # (the texture crop-first draw, checked in test_train.py).
+        assert r["identical_output"] is r.get("must_be_identical", True) and r["before_ms"] > 0 and r["after_ms"] > 0
         assert math.isclose(r["speedup"], r["before_ms"] / r["after_ms"], rel_tol=0.01)
 
 

@@ -106,3 +106,56 @@ def test_unknown_key_and_method_are_named(tmp_path):
 def test_shipped_sweep_files_load():
     for name in ("sweep_cpu", "sweep_paper"):
         assert sweep.load_sweep(name).grid()
+
+
+def test_steps_per_method_reach_the_cells_and_patchcore_is_scored_not_trained(tmp_path, fake_runs, monkeypatch):
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "profile: smoke\ndatasets: {synthetic: [widget]}\nmethods: [ae_l2, trustmae, patchcore]\n"
+        "noise_ratios: [0.0]\nseeds: [0]\nsteps: {trustmae: 3}\n"
+        f"results: {tmp_path / 'results'}\nruns: {tmp_path / 'runs'}\n"
+    )
+    config = sweep.load_sweep(path)
+    assert {s.method: s.steps for s in config.grid()} == {"ae_l2": 0, "trustmae": 3, "patchcore": 0}
+    from trustmae_lib import patchcore
+
+    scored = []
+    monkeypatch.setattr(
+        patchcore,
+        "evaluate_patchcore",
+        lambda spec, device=None: scored.append(spec) or {"config_hash": spec.config_hash(), "metrics": {}},
+    )
+    summary = sweep.run_sweep(config, progress=False)
+    assert summary["done"] == 3
+    assert [s.method for s in fake_runs] == ["ae_l2", "trustmae"] and [s.method for s in scored] == ["patchcore"]
+    found, missing = sweep.collect(config)
+    assert len(found) == 3 and not missing and all(r["file"].endswith(".json") for r in found)
+
+
+@pytest.mark.parametrize("steps", ["-1", "1.5", "{trustmae: x}", "{trustmea: 3}"])
+def test_bad_steps_are_a_one_line_error(tmp_path, steps):
+    path = tmp_path / "s.yaml"
+    path.write_text(f"profile: smoke\ndatasets: {{synthetic: [brick]}}\nsteps: {steps}\n")
+    with pytest.raises(TrustMAEError, match="'steps'"):
+        sweep.load_sweep(path)
+
+
+def test_collect_treats_a_stale_file_as_missing(config, fake_runs):
+    sweep.run_sweep(config, progress=False)
+    found, missing = sweep.collect(config)
+    assert len(found) == 7 and len(missing) == 1  # the failing cell
+    path = sweep.result_path(config.grid()[0], config.results_dir)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "config_hash": "000000000000"}))
+    found, missing = sweep.collect(config)
+    assert len(found) == 6 and len(missing) == 2
+
+
+def test_forget_deletes_only_this_sweeps_cells(config, fake_runs):
+    sweep.run_sweep(config, progress=False)
+    other = config.results_dir / "another-sweep-cell.json"
+    other.write_text("{}")
+    run = train_mod.run_dir_for(config.grid()[0], config.runs_dir)
+    run.mkdir(parents=True)
+    assert sweep.forget(config) == 8  # 7 results + 1 failure record (+ the run folder of the first cell)
+    assert other.is_file() and not run.exists()
+    assert not list(config.results_dir.glob("synthetic-*.json")) and not list(config.results_dir.glob("failed/*"))

@@ -258,3 +258,22 @@ def test_recalibrate_batchnorm_leaves_the_trust_region_history_alone():
     for k, v in model.trust.state_dict().items():
         torch.testing.assert_close(v, before[k], equal_nan=True)
     assert recalibrate_batchnorm(torch.nn.Conv2d(3, 3, 1), torch.zeros(2, 3, 4, 4), 2) == 0
+
+
+def test_training_batch_windows_are_symmetries_of_crops_of_the_drawn_images():
+    from trustmae_lib.train import training_batch
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(5, 3, 12, 12, generator=g)
+    masks = torch.zeros(5, 1, 12, 12)
+    idx = torch.tensor([3, 0, 3, 4])
+    out = training_batch(images, masks, idx, 4, False, torch.Generator().manual_seed(1))
+    assert out.shape == (4, 3, 4, 4)
+    for b, i in enumerate(idx.tolist()):
+        # every window is one of the 8 square symmetries of some 4x4 window of images[i]
+        windows = images[i].unfold(1, 4, 1).unfold(2, 4, 1).permute(1, 2, 0, 3, 4).reshape(-1, 3, 4, 4)
+        sym = [torch.rot90(w, k, (1, 2)) for w in (out[b], out[b].flip(2)) for k in range(4)]
+        assert any(torch.equal(s, w) for s in sym for w in windows)
+    # without crop: the images themselves under a symmetry, fixed orientation = unchanged
+    same = training_batch(images, masks, idx, None, True, torch.Generator().manual_seed(1))
+    assert torch.equal(same, images[idx])

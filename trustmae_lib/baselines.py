@@ -315,20 +315,25 @@ def ssim_residual_map(x: Tensor, recon: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def random_crops(images: Tensor, crop: int, generator: torch.Generator | None = None) -> Tensor:
+def random_crops(
+    images: Tensor, crop: int, generator: torch.Generator | None = None, index: Tensor | None = None
+) -> Tensor:
     """One random ``crop x crop`` patch per image (training on textures, supplement §B).
 
     Args:
-        images: ``(B, C, S, S)`` (any ``H, W >= crop``).
+        images: ``(N, C, S, S)`` (any ``H, W >= crop``).
         crop: patch side.
         generator: a CPU ``torch.Generator`` for reproducible offsets.
+        index: optional ``(B,)`` long: crop from ``images[index]`` without copying those whole images first (the
+            training loop's batch draw); default all ``N`` images.
 
     Returns:
-        ``(B, C, crop, crop)``.
+        ``(B, C, crop, crop)`` (``B = N`` without ``index``).
     """
     if images.dim() != 4:
         raise TrustMAEError(f"random_crops expects (B, C, H, W) images, got shape {tuple(images.shape)}")
-    b, _, h, w = images.shape
+    _, _, h, w = images.shape
+    b = images.shape[0] if index is None else index.shape[0]
     if not 0 < crop <= min(h, w):
         raise TrustMAEError(
             f"crop {crop} must be in [1, {min(h, w)}] for images of size {h}x{w}; "
@@ -339,7 +344,7 @@ def random_crops(images: Tensor, crop: int, generator: torch.Generator | None = 
     offs = torch.arange(crop, device=images.device)
     rows = (top[:, None] + offs)[:, :, None]  # (B, crop, 1)
     cols = (left[:, None] + offs)[:, None, :]  # (B, 1, crop)
-    batch = torch.arange(b, device=images.device)[:, None, None]  # (B, 1, 1)
+    batch = (torch.arange(b, device=images.device) if index is None else index.to(images.device))[:, None, None]
     # advanced indices around a slice: the broadcast dims come first -> (B, crop, crop, C)
     return images[batch, :, rows, cols].permute(0, 3, 1, 2).contiguous()
 

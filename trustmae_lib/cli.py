@@ -254,16 +254,12 @@ def _register_score(sub: argparse._SubParsersAction) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    import shutil
-
-    from .sweep import load_sweep, parse_shard, run_sweep
+    from .sweep import forget, load_sweep, parse_shard, run_sweep
 
     config = load_sweep(args.config)
     shard = parse_shard(args.shard)
-    if args.fresh:  # `make reproduce`: recompute everything from scratch
-        for folder in (config.results_dir, config.runs_dir):
-            if folder.exists():
-                shutil.rmtree(folder)
+    if args.fresh:  # `make reproduce`: recompute this sweep's cells from scratch (other sweeps' files stay)
+        forget(config)
     summary = run_sweep(config, jobs=args.jobs, shard=shard, device=args.device, limit=args.limit)
     print(f"sweep {config.name}: {summary['total']} cells, {summary['skipped']} already done, "
           f"{summary['done']} computed, {len(summary['failed'])} failed -> {config.results_dir}")  # fmt: skip

@@ -196,7 +196,8 @@ def drop_table(frame: pd.DataFrame, rows: Sequence[Row], metric: str = "image_au
                 "paper drop 5→40 %": None if paper is None else round(paper, 2),
             }
         )
-    return pd.DataFrame(out)
+    columns = ["method", "clean %", "noisy %", "AUROC clean", "AUROC noisy", "drop", "drop std", "paper drop 5→40 %"]
+    return pd.DataFrame(out, columns=columns)
 
 
 def paper_reference(rows: Sequence[Row], noises: Sequence[float] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)) -> pd.DataFrame:

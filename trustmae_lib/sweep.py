@@ -281,3 +281,50 @@ def load_results(results_dir: str | Path) -> list[dict]:
         data["file"] = path.name
         rows.append(data)
     return rows
+
+
+def collect(config: SweepConfig) -> tuple[list[dict], list[RunSpec]]:
+    """The current results of ``config``'s grid and the cells still missing.
+
+    A result counts only when its file exists and carries the cell's config hash (a stale file from older code
+    or another profile is treated as missing). Each result gets its file name under ``file``.
+    """
+    found, missing = [], []
+    for spec in config.grid():
+        path = result_path(spec, config.results_dir)
+        data = None
+        if path.is_file():
+            try:
+                data = read_json(path)
+            except (OSError, ValueError):
+                data = None
+        if data is not None and data.get("config_hash") == spec.config_hash():
+            data["file"] = path.name
+            found.append(data)
+        else:
+            missing.append(spec)
+    return found, missing
+
+
+def forget(config: SweepConfig) -> int:
+    """Delete the result file, failure record and run folder of every cell of ``config`` (``--fresh``).
+
+    Other files in the same folders -- another sweep's cells -- are left alone. Returns the number of cells that
+    had anything to delete.
+    """
+    import shutil
+
+    from .train import run_dir_for
+
+    count = 0
+    for spec in config.grid():
+        paths = [result_path(spec, config.results_dir), failure_path(spec, config.results_dir)]
+        run = run_dir_for(spec, config.runs_dir)
+        hit = any(p.is_file() for p in paths) or run.is_dir()
+        for p in paths:
+            p.unlink(missing_ok=True)
+        if run.is_dir():
+            shutil.rmtree(run)
+        count += hit
+    return count
+

@@ -90,3 +90,78 @@ def anomaly_rows(
         ax.set_title(name, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def noise_curves(frame, rows, metric: str = "image_auroc", paper: bool = True, size: float = 3.6) -> Figure:
+    """Mean AUROC against noise ratio per row, with the spread over seeds (the band: min to max of the per-seed
+    means over categories); with ``paper`` a second panel draws the paper's MVTec AD mean for the same rows."""
+    from .report import paper_reference, select_rows
+
+    sel = select_rows(frame, rows).dropna(subset=[metric])
+    ncols = 2 if paper else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(size * 1.3 * ncols, size), squeeze=False)
+    ax = axes[0, 0]
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, row in enumerate(rows):
+        part = sel[sel["row"] == row.label]
+        if part.empty:
+            continue
+        per_seed = part.groupby(["noise", "seed"])[metric].mean().unstack("seed") * 100
+        x = per_seed.index.to_numpy() * 100
+        colour = colours[i % len(colours)]
+        ax.plot(x, per_seed.mean(axis=1), marker="o", color=colour, label=row.label)
+        ax.fill_between(x, per_seed.min(axis=1), per_seed.max(axis=1), color=colour, alpha=0.15)
+    ax.set(xlabel="noise ratio (%)", ylabel=f"{metric.replace('_', ' ')} (%)", title="ours (embedded data)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    if paper:
+        ref = paper_reference(rows)
+        ax2 = axes[0, 1]
+        for i, row in enumerate(rows):
+            part = ref[ref["method"] == row.label] if not ref.empty else ref
+            if part.empty:
+                continue
+            ax2.plot(part["noise"] * 100, part["auc"], marker="s", ls="--", color=colours[i % len(colours)],
+                     label=row.label)  # fmt: skip
+        ax2.set(xlabel="noise ratio (%)", ylabel="mean image AUC (%)", title="paper (MVTec AD, 15 categories)")
+        ax2.grid(alpha=0.3)
+        ax2.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def drop_bars(drops, size: float = 3.6) -> Figure:
+    """Bars of the AUROC drop from the cleanest to the noisiest setting per method (ours, with the seed std), beside
+    the paper's drop from 5 % to 40 % where it has one (:func:`trustmae_lib.report.drop_table`)."""
+    fig, ax = plt.subplots(figsize=(size * 1.6, size))
+    x = np.arange(len(drops))
+    ax.bar(x - 0.2, drops["drop"], 0.4, yerr=drops["drop std"], capsize=3, label="ours (points of AUROC)")
+    paper = drops["paper drop 5→40 %"].astype(float)
+    ax.bar(x + 0.2, paper.fillna(0.0), 0.4, label="paper, 5 → 40 % (MVTec AD mean)", alpha=0.7)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xticks(x, drops["method"], rotation=20, ha="right", fontsize=8)
+    lo, hi = int(drops["clean %"].min()), int(drops["noisy %"].max())
+    ax.set(ylabel="AUROC drop (points)", title=f"drop from {lo} % to {hi} % noise (higher = less robust)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def auroc_heatmap(frame, rows, metric: str = "image_auroc", size: float = 0.9) -> Figure:
+    """Rows x (category, noise) heat map of the mean AUROC over seeds, values written in the cells."""
+    from .report import select_rows
+
+    sel = select_rows(frame, rows).dropna(subset=[metric])
+    sel["column"] = sel["category"] + " " + (sel["noise"] * 100).round().astype(int).astype(str) + "%"
+    order = sel.sort_values(["category", "noise"])["column"].unique()
+    table = sel.groupby(["row", "column"], observed=True)[metric].mean().unstack("column").reindex(columns=order) * 100
+    fig, ax = plt.subplots(figsize=(max(4.0, size * len(order) + 2), max(2.0, 0.45 * len(table) + 1)))
+    im = ax.imshow(table.to_numpy(), cmap="viridis", vmin=max(0, np.nanmin(table.to_numpy()) - 5), vmax=100)
+    for (i, j), v in np.ndenumerate(table.to_numpy()):
+        if not np.isnan(v):
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="white" if v < 80 else "black")
+    ax.set_xticks(range(len(order)), order, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(table)), table.index, fontsize=8)
+    fig.colorbar(im, ax=ax, label=f"{metric.replace('_', ' ')} (%)", shrink=0.8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,102 @@
+"""Noise-study tables and claim checks on hand-made result dicts with known answers."""
+
+from __future__ import annotations
+
+import pytest
+
+from trustmae_lib import report
+from trustmae_lib.paper import paper_mean
+
+
+def _result(method, noise, seed, auc, variant=None, category="widget"):
+    variant = variant or {"trustmae": "perceptual", "trustmae_no_tr": "perceptual", "patchcore": "patch_knn"}.get(
+        method, "residual"
+    )
+    metrics = {variant: {"image_auroc": auc, "pixel_auroc": None, "f1": 0.5}}
+    if method.startswith("trustmae"):
+        metrics["pixel"] = {"image_auroc": auc - 0.1, "pixel_auroc": 0.9}
+        metrics["global"] = {"image_auroc": auc - 0.2, "pixel_auroc": None}
+    return {"dataset": "synthetic", "category": category, "noise_ratio": noise, "method": method, "seed": seed,
+            "metrics": metrics, "config_hash": f"{method}{noise}{seed}",
+            "file": f"{method}-{noise}-{seed}.json"}  # fmt: skip
+
+
+def _frame(aucs: dict, seeds=(0, 1, 2), jitter=0.01):
+    """``aucs[method][noise] = AUROC``; seeds add ``+- jitter``."""
+    out = []
+    for method, by_noise in aucs.items():
+        for noise, auc in by_noise.items():
+            for s in seeds:
+                out.append(_result(method, noise, s, auc + jitter * (s - 1)))
+    return report.results_frame(out)
+
+
+GOOD = {
+    "trustmae": {0.0: 0.95, 0.4: 0.93},
+    "trustmae_no_tr": {0.0: 0.95, 0.4: 0.85},
+    "memae": {0.0: 0.80, 0.4: 0.70},
+    "ae_ssim": {0.0: 0.75, 0.4: 0.70},
+    "ae_l2": {0.0: 0.78, 0.4: 0.72},
+}
+
+
+def test_frame_has_one_row_per_result_and_variant():
+    frame = _frame(GOOD)
+    assert len(frame) == 3 * 2 * (3 + 3 + 1 + 1 + 1)  # TrustMAE methods have three variants
+    assert set(frame["variant"]) == {"perceptual", "pixel", "global", "residual"}
+
+
+def test_noise_table_means_and_spread():
+    table = report.noise_table(_frame(GOOD), report.TABLE4_ROWS)
+    row = table[(table["method"] == "TrustMAE") & (table["noise %"] == 40)].iloc[0]
+    assert row["mean"] == "93.0 ± 1.0" and row["synthetic/widget"] == "93.0 ± 1.0"
+    assert row["paper mean (MVTec AD)"] == f"{paper_mean('Ours', 0.4):.1f}"
+    clean = table[(table["method"] == "TrustMAE") & (table["noise %"] == 0)].iloc[0]
+    assert clean["paper mean (MVTec AD)"] == "--"  # the paper has no 0 % column
+
+
+def test_ablation_rows_use_the_scoring_variants():
+    table = report.noise_table(_frame(GOOD), report.TABLE3_ROWS, with_paper=False)
+    wo_pd = table[(table["method"] == "w/o PD") & (table["noise %"] == 0)].iloc[0]
+    wo_sp = table[(table["method"] == "w/o SP") & (table["noise %"] == 0)].iloc[0]
+    assert wo_pd["mean"].startswith("85.0") and wo_sp["mean"].startswith("75.0")
+
+
+def test_drop_table():
+    drops = report.drop_table(_frame(GOOD), report.TABLE4_ROWS).set_index("method")
+    assert drops.loc["TrustMAE", "drop"] == pytest.approx(2.0)
+    assert drops.loc["MemAE", "drop"] == pytest.approx(10.0)
+    paper_drop = paper_mean("MemAE", 0.05) - paper_mean("MemAE", 0.4)
+    assert drops.loc["MemAE", "paper drop 5→40 %"] == pytest.approx(paper_drop, abs=0.01)
+
+
+def test_claims_hold_on_data_built_to_satisfy_them():
+    verdicts = [c["verdict"] for c in report.claims(_frame(GOOD))]
+    assert verdicts == ["holds", "holds", "holds"]
+
+
+def test_claims_fail_on_data_built_to_break_them():
+    bad = {
+        "trustmae": {0.0: 0.80, 0.4: 0.60},  # below AE-L2 at 40 %, drops more than MemAE
+        "trustmae_no_tr": {0.0: 0.80, 0.4: 0.65},  # the trust region hurts at high noise
+        "memae": {0.0: 0.75, 0.4: 0.72},
+        "ae_ssim": {0.0: 0.70, 0.4: 0.60},
+        "ae_l2": {0.0: 0.70, 0.4: 0.65},
+    }
+    verdicts = [c["verdict"] for c in report.claims(_frame(bad))]
+    assert verdicts == ["fails", "fails", "fails"]
+
+
+def test_a_difference_inside_the_seed_spread_is_not_a_win():
+    # TrustMAE 0.5 points above MemAE on average, but the per-seed differences are -1.5, +0.5, +2.5 (std 2).
+    rows = [_result(m, n, s, a) for m, by_noise in GOOD.items() if m != "memae" for n, a in by_noise.items()
+            for s in (0, 1, 2)]  # fmt: skip
+    rows += [_result("memae", n, s, GOOD["trustmae"][n] - 0.005 - 0.02 * (s - 1))
+             for n in (0.0, 0.4) for s in (0, 1, 2)]  # fmt: skip
+    first = report.claims(report.results_frame(rows))[0]
+    assert first["verdict"] == "fails" and "+0.5 ± 2.0" in first["ours"]
+
+
+def test_missing_rows_are_not_tested():
+    only = report.results_frame([_result("ae_l2", 0.0, 0, 0.7)])
+    assert [c["verdict"] for c in report.claims(only)] == ["not tested"] * 3
