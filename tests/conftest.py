@@ -93,3 +93,17 @@ def mvtec_tree(tmp_path: Path) -> Path:
 def make_mvtec_tree():
     """``make_mvtec_tree(root) -> root`` (:func:`write_mvtec_tree`), for module-scoped fixtures."""
     return write_mvtec_tree
+
+
+@pytest.fixture(scope="module")
+def isolated_data(tmp_path_factory):
+    """Embedded datasets are built once per module in a temporary folder (``TRUSTMAE_DATA``), never in the
+    repository; torch runs on one thread (tiny tensors: faster, and immune to OpenMP spinning on a busy machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRUSTMAE_DATA", str(tmp_path_factory.mktemp("data")))
+        yield
+    torch.set_num_threads(threads)

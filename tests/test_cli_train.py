@@ -7,20 +7,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from trustmae_lib.cli import main
 
-
-@pytest.fixture(scope="module", autouse=True)
-def data_dir(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRUSTMAE_DATA", str(tmp_path_factory.mktemp("data")))
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("isolated_data")
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,7 @@ from trustmae_lib.data import load_tensors, scan_category
 from trustmae_lib.errors import TrustMAEError
 from trustmae_lib.train import load_or_train, load_trained
 
-
-@pytest.fixture(scope="module", autouse=True)
-def data_dir(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRUSTMAE_DATA", str(tmp_path_factory.mktemp("data")))
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("isolated_data")
 
 
 @pytest.fixture(scope="module")

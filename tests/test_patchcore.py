@@ -11,15 +11,7 @@ from trustmae_lib.errors import TrustMAEError
 from trustmae_lib.patchcore import PatchBank, anomaly_maps, evaluate_patchcore, patch_features
 from trustmae_lib.perceptual import build_backbone
 
-
-@pytest.fixture(scope="module", autouse=True)
-def data_dir(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRUSTMAE_DATA", str(tmp_path_factory.mktemp("data")))
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("isolated_data")
 
 
 def _brute_force(bank: np.ndarray, queries: np.ndarray) -> np.ndarray:

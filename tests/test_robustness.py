@@ -51,15 +51,7 @@ from trustmae_lib.train import CHECKPOINT, build_models, train
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(tmp_path_factory):
-    """One torch thread (tiny tensors; immune to OpenMP spinning on a busy machine); datasets built in tmp."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRUSTMAE_DATA", str(tmp_path_factory.mktemp("data")))
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("isolated_data")
 
 
 def _train_args(out: Path, *more: str) -> list[str]:

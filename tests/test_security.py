@@ -31,15 +31,7 @@ from trustmae_lib.errors import TrustMAEError
 from trustmae_lib.noise import inject_noise, load_manifest, save_manifest
 from trustmae_lib.train import CHECKPOINT
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRUSTMAE_DATA", str(tmp_path_factory.mktemp("data")))
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("isolated_data")
 
 
 @pytest.fixture(scope="module")

@@ -31,16 +31,7 @@ from trustmae_lib.train import (
 )
 from trustmae_lib.utils import seed_everything
 
-
-@pytest.fixture(scope="module", autouse=True)
-def data_dir(tmp_path_factory):
-    """Embedded datasets are built once per module in a temporary folder, never in the repository."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread is faster and immune to OpenMP spinning on a busy machine
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRUSTMAE_DATA", str(tmp_path_factory.mktemp("data")))
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("isolated_data")
 
 
 def _profile_file(tmp_path, **changes) -> str:
