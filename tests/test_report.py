@@ -100,3 +100,23 @@ def test_a_difference_inside_the_seed_spread_is_not_a_win():
 def test_missing_rows_are_not_tested():
     only = report.results_frame([_result("ae_l2", 0.0, 0, 0.7)])
     assert [c["verdict"] for c in report.claims(only)] == ["not tested"] * 3
+
+
+def test_figures_draw_what_the_tables_say():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from trustmae_lib import viz
+
+    frame = _frame(GOOD)
+    fig = viz.noise_curves(frame, report.TABLE4_ROWS)
+    ours, paper = fig.axes
+    lines = {line.get_label(): line for line in ours.get_lines()}
+    assert set(lines) == {"AE-L2", "AE-SSIM", "MemAE", "TrustMAE"}
+    assert list(lines["TrustMAE"].get_ydata()) == pytest.approx([95.0, 93.0])  # mean over seeds, percent
+    assert len(paper.get_lines()) == 4 and list(paper.get_lines()[3].get_xdata())[-1] == pytest.approx(40)
+    drops = report.drop_table(frame, report.TABLE4_ROWS)
+    bars = viz.drop_bars(drops).axes[0].patches
+    assert [round(b.get_height(), 1) for b in bars[:4]] == [6.0, 5.0, 10.0, 2.0]  # ours, in row order
+    heat = viz.auroc_heatmap(frame, report.TABLE4_ROWS).axes[0].images[0].get_array()
+    assert heat.shape == (4, 2) and heat[3, 0] == pytest.approx(95.0)
