@@ -118,6 +118,7 @@ def evaluate_patchcore(spec, device: str | None = None, batch_size: int = 16) ->
     :func:`trustmae_lib.evaluate.evaluate`'s (variant ``patch_knn``), with ``steps = 0`` (nothing is trained).
     """
     from . import __version__
+    from .data import load_tensors
     from .evaluate import fit_threshold, image_auroc, pixel_auroc, threshold_metrics
     from .perceptual import build_backbone
     from .train import _cache_dir, load_train_tensors, prepare
@@ -130,8 +131,6 @@ def evaluate_patchcore(spec, device: str | None = None, batch_size: int = 16) ->
     backbone = build_backbone(profile.backbone).to(dev).eval()
     size = profile.image_size
     train_images = load_train_tensors(spec, profile, index, split, size)
-    from .data import load_tensors
-
     test = list(split.test)
     images, masks = load_tensors(test, size, cache_dir=_cache_dir(spec, index.root), progress=False)
     labels = np.array([s.label for s in test], dtype=int)

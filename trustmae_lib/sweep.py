@@ -159,15 +159,21 @@ def failure_path(spec: RunSpec, results_dir: Path) -> Path:
     return results_dir / "failed" / f"{_file_stem(spec)}.json"
 
 
-def is_done(spec: RunSpec, results_dir: Path) -> bool:
-    """A cell is done when its result file exists, parses, and carries the same config hash."""
+def current_result(spec: RunSpec, results_dir: Path) -> dict | None:
+    """The cell's result if its file exists, parses, and carries the cell's config hash; else ``None``."""
     path = result_path(spec, results_dir)
     if not path.is_file():
-        return False
+        return None
     try:
-        return read_json(path).get("config_hash") == spec.config_hash()
+        data = read_json(path)
     except (OSError, ValueError):
-        return False
+        return None
+    return data if data.get("config_hash") == spec.config_hash() else None
+
+
+def is_done(spec: RunSpec, results_dir: Path) -> bool:
+    """A cell is done when it has a current result (:func:`current_result`)."""
+    return current_result(spec, results_dir) is not None
 
 
 def run_cell(spec: RunSpec, results_dir: Path, runs_dir: Path, threads: int = 0, device: str | None = None) -> dict:
@@ -291,18 +297,11 @@ def collect(config: SweepConfig) -> tuple[list[dict], list[RunSpec]]:
     """
     found, missing = [], []
     for spec in config.grid():
-        path = result_path(spec, config.results_dir)
-        data = None
-        if path.is_file():
-            try:
-                data = read_json(path)
-            except (OSError, ValueError):
-                data = None
-        if data is not None and data.get("config_hash") == spec.config_hash():
-            data["file"] = path.name
-            found.append(data)
-        else:
+        data = current_result(spec, config.results_dir)
+        if data is None:
             missing.append(spec)
+        else:
+            found.append({**data, "file": result_path(spec, config.results_dir).name})
     return found, missing
 
 

@@ -292,6 +292,8 @@ def recalibrate_batchnorm(
     Returns:
         The number of batch-norm layers recalibrated.
     """
+    from .baselines import random_crops
+
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms or images.shape[0] == 0:
         return 0
@@ -308,8 +310,6 @@ def recalibrate_batchnorm(
             if chunk.shape[0] < 2:  # batch norm needs two samples; a last single image adds nothing
                 continue
             if crop is not None:
-                from .baselines import random_crops
-
                 chunk = random_crops(chunk, crop, generator=gen)
             model(chunk)
     finally:
