@@ -275,7 +275,7 @@ def claims(frame: pd.DataFrame, metric: str = "image_auroc") -> list[dict]:
         a, b = drops.loc[full.label], drops.loc[memae.label]
         ours = (
             f"TrustMAE {a['drop']:+.1f} ± {a['drop std']:.1f}, MemAE {b['drop']:+.1f} ± {b['drop std']:.1f} "
-            f"points ({a['clean %']} → {a['noisy %']} %)"
+            f"points ({int(a['clean %'])} → {int(a['noisy %'])} %)"
         )
         verdict = verdict_of(b["drop"] - a["drop"], max(a["drop std"], b["drop std"]))
     else:
