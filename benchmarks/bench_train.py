@@ -252,14 +252,7 @@ def main(argv=None) -> int:
                         else row["error"]
                     )
                 )
-    path = common.write_result(
-        args.out,
-        "train",
-        machine,
-        {"limits": lim, "reference_limit_gflops": ref, "args": vars(args), "results": rows},
-    )
-    common.log(f"  wrote {path}")
-    return 0 if not any("error" in r for r in rows) else 1
+    return common.finish(args.out, "train", machine, lim, ref, args, rows)
 
 
 if __name__ == "__main__":

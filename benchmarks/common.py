@@ -395,3 +395,11 @@ def write_result(path: str | Path, kind: str, machine: dict, payload: dict) -> P
 
 def log(*parts) -> None:
     print(*parts, flush=True)
+
+
+def finish(out, kind: str, machine: dict, limits: dict, reference: float, args, rows: list[dict]) -> int:
+    """Write a timing benchmark's result file and return its exit status (1 when any row holds an error)."""
+    payload = {"limits": limits, "reference_limit_gflops": reference, "args": vars(args), "results": rows}
+    log(f"  wrote {write_result(out, kind, machine, payload)}")
+    return 0 if not any("error" in r for r in rows) else 1
+
