@@ -107,15 +107,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = common.setup_run(args)
-    amp = torch.bfloat16 if args.amp == "bf16" else None
-    machine = common.machine_info(device)
-    common.log(f"bench_score: {machine['cpu']} | {machine['gpu'] or 'no GPU'} | threads {machine['torch_threads']}")
-    common.wait_idle(args.wait_idle)
-    lim = common.limits(device, args.matmul_size)
-    ref = lim["bfloat16" if amp is not None else "float32"]["gflops"]
-    peak = lim.get("bf16_peak_tflops_datasheet")
-    common.log(f"  matmul limit {ref:.1f} GFLOP/s")
+    device, amp, machine, lim, ref, peak = common.start(args, "bench_score")
     rows = []
     measured: dict[tuple, dict] = {}
     for prof_name in args.profiles:

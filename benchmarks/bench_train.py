@@ -185,16 +185,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = common.setup_run(args)
-    amp = torch.bfloat16 if args.amp == "bf16" else None
-    machine = common.machine_info(device)
-    common.log(f"bench_train: {machine['cpu']} | {machine['gpu'] or 'no GPU'} | threads {machine['torch_threads']}")
-    common.wait_idle(args.wait_idle)
-    lim = common.limits(device, args.matmul_size)
-    ref = lim["bfloat16" if amp is not None else "float32"]["gflops"]
-    peak = lim.get("bf16_peak_tflops_datasheet")
-    shown = [f"{k} {v['gflops']:.1f} GFLOP/s" for k, v in lim.items() if isinstance(v, dict)]
-    common.log(f"  matmul limit: {', '.join(shown)}")
+    device, amp, machine, lim, ref, peak = common.start(args, "bench_train")
     rows = []
     measured: dict[tuple, dict] = {}
     for prof_name in args.profiles:

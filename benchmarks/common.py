@@ -403,3 +403,21 @@ def finish(out, kind: str, machine: dict, limits: dict, reference: float, args, 
     log(f"  wrote {write_result(out, kind, machine, payload)}")
     return 0 if not any("error" in r for r in rows) else 1
 
+
+def start(args, name: str):
+    """The common start of a timing benchmark: device and threads, machine info, wait for an idle machine, the
+    matmul limits. Returns ``(device, amp dtype or None, machine, limits, reference GFLOP/s, bf16 datasheet peak)``.
+    """
+    import torch
+
+    device = setup_run(args)
+    amp = torch.bfloat16 if args.amp == "bf16" else None
+    machine = machine_info(device)
+    log(f"{name}: {machine['cpu']} | {machine['gpu'] or 'no GPU'} | threads {machine['torch_threads']}")
+    wait_idle(args.wait_idle)
+    lim = limits(device, args.matmul_size)
+    shown = [f"{k} {v['gflops']:.1f} GFLOP/s" for k, v in lim.items() if isinstance(v, dict)]
+    log(f"  matmul limit: {', '.join(shown)}")
+    ref = lim["bfloat16" if amp is not None else "float32"]["gflops"]
+    return device, amp, machine, lim, ref, lim.get("bf16_peak_tflops_datasheet")
+
