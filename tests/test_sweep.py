@@ -104,7 +104,7 @@ def test_unknown_key_and_method_are_named(tmp_path):
 
 
 def test_shipped_sweep_files_load():
-    for name in ("sweep_cpu", "sweep_paper"):
+    for name in ("sweep_cpu", "sweep_paper", "sweep_cpu_textures", "sweep_cpu_readings", "sweep_cpu_full"):
         assert sweep.load_sweep(name).grid()
 
 
@@ -159,3 +159,30 @@ def test_forget_deletes_only_this_sweeps_cells(config, fake_runs):
     assert sweep.forget(config) == 8  # 7 results + 1 failure record (+ the run folder of the first cell)
     assert other.is_file() and not run.exists()
     assert not list(config.results_dir.glob("synthetic-*.json")) and not list(config.results_dir.glob("failed/*"))
+
+
+def test_readings_multiply_only_the_trustmae_cells(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "profile: smoke\ndatasets: {synthetic: [widget]}\nmethods: [ae_l2, trustmae_no_tr, trustmae]\n"
+        "noise_ratios: [0.4]\nseeds: [0, 1]\nreadings: {trustmae: ['', inner60, nopush], trustmae_no_tr: ['']}\n"
+    )
+    grid = sweep.load_sweep(path).grid()
+    count = {}
+    for s in grid:
+        count[(s.method, s.reading)] = count.get((s.method, s.reading), 0) + 1
+    assert count == {("ae_l2", ""): 2, ("trustmae_no_tr", ""): 2, ("trustmae", ""): 2, ("trustmae", "inner60"): 2,
+                     ("trustmae", "nopush"): 2}  # fmt: skip
+    assert len({s.config_hash() for s in grid}) == len(grid)
+    path.write_text(path.read_text().replace("readings: {trustmae: ['', inner60, nopush], trustmae_no_tr: ['']}",
+                                             "readings: ['', m512]"))  # fmt: skip
+    assert {(s.method, s.reading) for s in sweep.load_sweep(path).grid()} == {
+        ("ae_l2", ""), ("trustmae_no_tr", ""), ("trustmae_no_tr", "m512"), ("trustmae", ""), ("trustmae", "m512")}
+
+
+@pytest.mark.parametrize("readings", ["[inner6]", "{ae_l3: [inner60]}", "[]", "inner60"])
+def test_bad_readings_in_a_sweep_file_are_a_one_line_error(tmp_path, readings):
+    path = tmp_path / "s.yaml"
+    path.write_text(f"profile: smoke\ndatasets: {{synthetic: [brick]}}\nmethods: [trustmae]\nreadings: {readings}\n")
+    with pytest.raises(TrustMAEError, match="reading"):
+        sweep.load_sweep(path)

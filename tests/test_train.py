@@ -268,3 +268,38 @@ def test_training_batch_windows_are_symmetries_of_crops_of_the_drawn_images():
     # without crop: the images themselves under a symmetry, fixed orientation = unchanged
     same = training_batch(images, masks, idx, None, True, torch.Generator().manual_seed(1))
     assert torch.equal(same, images[idx])
+
+
+def test_a_reading_changes_the_built_network_and_the_run_key():
+    from trustmae_lib.config import READINGS
+
+    profile = load_profile("smoke")
+    base = RunSpec(method="trustmae", category="widget")
+    default = build_models(base, profile)["model"]
+    for name, reading in READINGS.items():
+        spec = RunSpec(method="trustmae", category="widget", reading=name)
+        assert spec.config_hash() != base.config_hash() and run_dir_for(spec).name.split("-")[-2] == name
+        model = build_models(spec, profile)["model"]
+        for key, value in reading.get("model", {}).items():
+            assert model.hparams[key] == value != default.hparams[key], (name, key)
+    assert build_models(RunSpec(method="trustmae", reading="nopush"), profile)["model"].trust.outer_quantile == 0.8
+    assert build_models(RunSpec(method="trustmae", reading="m512"), profile)["model"].memory.memory.shape[0] == 512
+    assert not build_models(RunSpec(method="trustmae", reading="attached"), profile)["model"].detach_untrusted
+
+
+def test_the_trust_weight_reading_scales_only_l_trust_in_the_logged_total(tmp_path):
+    # Same seed, data and initialisation: step 1's terms are identical, only lambda_trust differs (1 vs 0.1).
+    rows = {}
+    for reading in ("", "trust01"):
+        spec = RunSpec(method="trustmae", category="widget", steps=1, reading=reading)
+        rows[reading] = next(iter_log(fit(spec, tmp_path / (reading or "default"), progress=False).run_dir))
+    a, b = rows[""], rows["trust01"]
+    assert a["trust"] == pytest.approx(b["trust"]) and a["trust"] > 0
+    assert a["total"] - b["total"] == pytest.approx(0.9 * a["trust"], rel=1e-4)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"method": "ae_l2", "reading": "inner60"}, "not ae_l2"),
+                                              ({"method": "trustmae", "reading": "inner6"}, "unknown reading")])
+def test_bad_readings_are_one_line_errors(kwargs, match):
+    with pytest.raises(TrustMAEError, match=match):
+        RunSpec(**kwargs)

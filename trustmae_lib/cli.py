@@ -155,7 +155,7 @@ def _spec_from_args(args: argparse.Namespace):
         dataset = str(path.resolve())  # one spelling per folder, so the config hash is stable
     return RunSpec(dataset=dataset, category=args.category, noise_ratio=ratio, protocol=args.protocol,
                    method=args.method, profile=args.profile, seed=args.seed, backbone=args.backbone or "",
-                   steps=args.steps)  # fmt: skip
+                   steps=args.steps, reading=args.reading or "")  # fmt: skip
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -201,7 +201,7 @@ def _score(args: argparse.Namespace) -> int:
 
 @command("train")
 def _register_train(sub: argparse._SubParsersAction) -> None:
-    from .config import METHODS, PROTOCOLS
+    from .config import METHODS, PROTOCOLS, READINGS
 
     p = sub.add_parser("train", help="train one run (TrustMAE, an ablation or a baseline)",
                        description="Train one run into <out>/<run name>-<config hash>/ (checkpoint, log.csv, "
@@ -215,6 +215,8 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draw and the training (default: 0)")
     p.add_argument("--backbone", default="", help="perceptual backbone override: vgg19 or efficientnet_lite0")
     p.add_argument("--steps", type=int, default=0, help="training steps override (default: the profile's)")
+    p.add_argument("--reading", default="", choices=["", *READINGS], metavar="NAME",
+                   help=f"alternative reading of an open choice (TrustMAE only): {', '.join(READINGS)}")
     p.add_argument("--out", default="runs", help="parent folder of the run folders (default: runs)")
     p.add_argument("--resume", action="store_true", help="continue the run's checkpoint")
     p.add_argument("--evaluate", action="store_true", help="evaluate right after training (writes result.json)")

@@ -145,6 +145,23 @@ REFERENCE_METHODS = ("patchcore",)
 ALL_METHODS = METHODS + REFERENCE_METHODS
 PROTOCOLS = ("overlap", "disjoint")
 
+#: Alternative *readings* of choices the supplement leaves open (trust-region radii, detached reads, k, M,
+#: lambda_trust), for the principled-variant study of chapter 12. Each names the TrustMAE constructor arguments
+#: (``model``) and Eq. 9 weights (``loss``) it changes and why it is a reasonable reading; the default reading
+#: (``""``) is the library's. Only the TrustMAE methods take one. Chosen on a validation copy, never the test set.
+READINGS: dict[str, dict] = {
+    "inner60": {"model": {"inner_quantile": 0.6},
+                "why": "stricter trust region: only the nearest 60 % of features pull their slot (default 80 %)"},
+    "nopush": {"model": {"outer_quantile": 0.8},
+               "why": "no push band (outer radius = trust radius): far features are ignored, never pushed"},
+    "attached": {"model": {"detach_untrusted": False},
+                 "why": "untrusted locations read the live memory, so they still move slots through the losses"},
+    "trust01": {"loss": {"trust": 0.1},
+                "why": "lambda_trust 0.1 instead of 1: L_trust no longer dominates the slots' gradient"},
+    "m512": {"model": {"memory_slots": 512},
+             "why": "M = 512 slots (profile: 128), the paper-profile count: more room to store defects too"},
+}  # fmt: skip
+
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -163,6 +180,7 @@ class RunSpec:
     seed: int = 0
     backbone: str = ""  # "" -> the profile's backbone
     steps: int = 0  # 0 -> the profile's steps
+    reading: str = ""  # "" -> the library's reading; else a key of READINGS (TrustMAE methods only)
 
     def __post_init__(self):
         if self.method not in ALL_METHODS:
@@ -173,6 +191,15 @@ class RunSpec:
             raise TrustMAEError(f"unknown noise protocol '{self.protocol}'; choose one of {', '.join(PROTOCOLS)}")
         if not 0.0 <= float(self.noise_ratio) <= 0.9:
             raise TrustMAEError(f"noise ratio {self.noise_ratio} is outside [0, 0.9]; pass e.g. 0.1 for 10 %")
+        if self.reading and self.reading not in READINGS:
+            raise TrustMAEError(f"unknown reading '{self.reading}'; choose one of {', '.join(READINGS)} (or none)")
+        if self.reading and not self.method.startswith("trustmae"):
+            raise TrustMAEError(f"reading '{self.reading}' applies to trustmae and trustmae_no_tr, not "
+                                f"{self.method}; drop it")  # fmt: skip
+
+    def reading_overrides(self, part: str) -> dict:
+        """The constructor (``part="model"``) or Eq. 9 weight (``part="loss"``) overrides of the reading."""
+        return dict(READINGS[self.reading].get(part, {})) if self.reading else {}
 
     def load_profile(self) -> Profile:
         overrides = {}
@@ -191,10 +218,15 @@ class RunSpec:
         from .losses import LossWeights
 
         # The library version and the Eq. 9 weights are part of the key: a changed default invalidates old runs.
-        blob = json.dumps({"spec": self.to_dict(), "profile": self.load_profile().to_dict(), "version": __version__,
+        # The default reading is left out of the spec, so cells from before readings existed keep their hash.
+        spec = {k: v for k, v in self.to_dict().items() if k != "reading" or v}
+        if self.reading:
+            spec["reading_overrides"] = READINGS[self.reading]
+        blob = json.dumps({"spec": spec, "profile": self.load_profile().to_dict(), "version": __version__,
                            "loss_weights": dataclasses.asdict(LossWeights())}, sort_keys=True)  # fmt: skip
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def run_name(self) -> str:
         noise = f"n{round(self.noise_ratio * 100):02d}"
-        return f"{self.dataset}-{self.category}-{noise}-{self.protocol}-{self.method}-{self.profile}-s{self.seed}"
+        name = f"{self.dataset}-{self.category}-{noise}-{self.protocol}-{self.method}-{self.profile}-s{self.seed}"
+        return f"{name}-{self.reading}" if self.reading else name

@@ -835,6 +835,11 @@ def ensure_dataset(name: str | Path, profile, seed: int = 0) -> Path:
             return synthetic.generate_synthetic(root, profile, seed=seed)
         return elpv.write_elpv(root, profile, seed=seed)
     path = Path(name).expanduser()
+    if not path.exists() and not path.is_absolute():
+        from .config import CONFIG_DIR
+
+        in_repo = CONFIG_DIR.parent / path  # sweep files name folders relative to the repository
+        path = in_repo if in_repo.exists() else path
     if not path.exists():
         raise TrustMAEError(
             f"unknown dataset {str(name)!r}: {path} does not exist; use 'synthetic', 'elpv' or the path of a "

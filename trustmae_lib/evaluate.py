@@ -478,6 +478,7 @@ def evaluate(
         "protocol": trained.spec.protocol,
         "manifest_hash": trained.split.manifest_hash,
         "method": trained.method,
+        "reading": trained.spec.reading,
         "backbone": backbone.get("name"),
         "backbone_weights": backbone.get("weights_source"),
         "profile": trained.profile.name,

@@ -67,8 +67,8 @@ CONTEXT_ROWS = (Row("PatchCore-style (context)", "patchcore", "patch_knn", None)
 def results_frame(results: Iterable[dict]) -> pd.DataFrame:
     """One row per (result file, scoring variant) with the metrics and the provenance needed for tables.
 
-    Columns: ``dataset, category, noise, method, variant, seed, image_auroc, pixel_auroc, f1, precision, recall,
-    train_wall_s, eval_wall_s, steps, backbone, profile, config_hash, file``.
+    Columns: ``dataset, category, noise, method, reading, variant, seed, image_auroc, pixel_auroc, f1, precision,
+    recall, train_wall_s, eval_wall_s, steps, backbone, profile, config_hash, file``.
     """
     rows = []
     for res in results:
@@ -79,6 +79,7 @@ def results_frame(results: Iterable[dict]) -> pd.DataFrame:
                     "category": res.get("category"),
                     "noise": float(res.get("noise_ratio", 0.0)),
                     "method": res.get("method"),
+                    "reading": res.get("reading") or "",
                     "variant": variant,
                     "seed": int(res.get("seed", 0)),
                     "image_auroc": m.get("image_auroc"),
@@ -95,8 +96,8 @@ def results_frame(results: Iterable[dict]) -> pd.DataFrame:
                     "file": res.get("file", ""),
                 }
             )
-    columns = ["dataset", "category", "noise", "method", "variant", "seed", "image_auroc", "pixel_auroc", "f1",
-               "precision", "recall", "train_wall_s", "eval_wall_s", "steps", "backbone", "profile",
+    columns = ["dataset", "category", "noise", "method", "reading", "variant", "seed", "image_auroc", "pixel_auroc",
+               "f1", "precision", "recall", "train_wall_s", "eval_wall_s", "steps", "backbone", "profile",
                "config_hash", "file"]  # fmt: skip
     frame = pd.DataFrame(rows, columns=columns)
     for col in ("image_auroc", "pixel_auroc", "f1", "precision", "recall"):

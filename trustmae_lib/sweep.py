@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from .config import ALL_METHODS, CONFIG_DIR, METHODS, PROTOCOLS, REFERENCE_METHODS, RunSpec
+from .config import ALL_METHODS, CONFIG_DIR, METHODS, PROTOCOLS, READINGS, REFERENCE_METHODS, RunSpec
 from .errors import TrustMAEError
 from .io import read_json, write_json
 
@@ -53,6 +53,7 @@ class SweepConfig:
     seeds: tuple = (0, 1, 2)
     protocol: str = "overlap"
     steps: int | dict = 0  # training steps: one number for every method, or {method: steps}; 0 = the profile's
+    readings: tuple | dict = ("",)  # readings (config.READINGS) of TrustMAE cells, or {method: [...]}; "" = default
     results: str = ""  # folder of result files; default results/<profile>
     runs: str = ""  # folder of run folders (checkpoints); default runs/<profile>
 
@@ -68,11 +69,13 @@ class SweepConfig:
                 profile=self.profile,
                 seed=int(s),
                 steps=self.steps_for(m),
+                reading=v,
             )
             for d, categories in self.datasets.items()
             for c in categories
             for r in self.noise_ratios
             for m in self.methods
+            for v in self.readings_for(m)
             for s in self.seeds
         ]
 
@@ -83,6 +86,14 @@ class SweepConfig:
         if isinstance(self.steps, dict):
             return int(self.steps.get(method, 0))
         return int(self.steps)
+
+    def readings_for(self, method: str) -> tuple:
+        """Readings of ``method``'s cells (only the TrustMAE methods take any; ``""`` = the library's)."""
+        if not method.startswith("trustmae"):
+            return ("",)
+        if isinstance(self.readings, dict):
+            return tuple(self.readings.get(method, ("",)))
+        return tuple(self.readings)
 
     @property
     def results_dir(self) -> Path:
@@ -129,6 +140,16 @@ def load_sweep(name_or_path: str | Path) -> SweepConfig:
     unknown = [m for m in raw.get("methods", ()) if m not in ALL_METHODS]
     if unknown:
         raise TrustMAEError(f"{path}: unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
+    readings = raw.get("readings", [""])
+    lists = list(readings.values()) if isinstance(readings, dict) else [readings]
+    if not all(isinstance(v, list) and v for v in lists) or (
+        isinstance(readings, dict) and any(m not in METHODS for m in readings)
+    ):
+        raise TrustMAEError(f"{path}: 'readings' must be a non-empty list or a mapping method: list, got {readings!r}")
+    unknown = sorted({v for v in sum(lists, []) if v not in READINGS and v != ""})
+    if unknown:
+        raise TrustMAEError(f"{path}: unknown reading(s) {unknown}; choose from {', '.join(READINGS)} or ''")
+    raw["readings"] = {m: tuple(v) for m, v in readings.items()} if isinstance(readings, dict) else tuple(readings)
     steps = raw.get("steps", 0)
     values = list(steps.values()) if isinstance(steps, dict) else [steps]
     if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values) or (

@@ -214,7 +214,8 @@ def build_models(spec: RunSpec, profile: Profile) -> dict[str, nn.Module]:
         from .discriminator import Discriminator
         from .model import TrustMAE
 
-        model = TrustMAE.from_profile(profile, trust_region=spec.method == "trustmae")
+        overrides = spec.reading_overrides("model")  # an alternative reading (config.READINGS), if any
+        model = TrustMAE.from_profile(profile, trust_region=spec.method == "trustmae", **overrides)
         return {"model": model, "discriminator": Discriminator(width=profile.width)}
     from .baselines import get_baseline
 
@@ -392,7 +393,7 @@ class _TrustMAEMethod(_Method):
 
         self.backbone = build_backbone(self.profile.backbone).to(self.device)
         self.backbone_info = {"name": self.backbone.name, "weights_source": self.backbone.weights_source}
-        self.weights = LossWeights()
+        self.weights = LossWeights(**self.spec.reading_overrides("loss"))
         self.optimizers = {
             "model": torch.optim.Adam(self.models["model"].parameters(), lr=self.profile.lr, betas=GAN_BETAS),
             "discriminator": torch.optim.Adam(
