@@ -120,3 +120,23 @@ def test_figures_draw_what_the_tables_say():
     assert [round(b.get_height(), 1) for b in bars[:4]] == [6.0, 5.0, 10.0, 2.0]  # ours, in row order
     heat = viz.auroc_heatmap(frame, report.TABLE4_ROWS).axes[0].images[0].get_array()
     assert heat.shape == (4, 2) and heat[3, 0] == pytest.approx(95.0)
+
+
+def test_readings_table_pairs_each_reading_with_its_own_or_the_default_no_tr():
+    rows = []
+    for s in (0, 1, 2):
+        rows += [
+            {**_result("trustmae", 0.4, s, 0.82 + 0.01 * s), "reading": ""},  # +3 ± 1 points
+            {**_result("trustmae", 0.4, s, 0.90), "reading": "inner60"},  # +10 points, no spread
+            {**_result("trustmae", 0.4, s, 0.70 + 0.05 * s), "reading": "m512"},  # vs its own w/o TR: -5 ± 5
+            {**_result("trustmae_no_tr", 0.4, s, 0.80), "reading": ""},
+            {**_result("trustmae_no_tr", 0.4, s, 0.70 + 0.10 * s), "reading": "m512"},
+        ]
+    table = report.readings_table(report.results_frame(rows)).set_index("reading")
+    assert table.loc["inner60", "gap"] == pytest.approx(10.0) and table.loc["inner60", "verdict"] == "holds"
+    assert table.loc["inner60", "w/o TR"].endswith("(default)")
+    assert table.loc["default", "gap"] == pytest.approx(3.0) and table.loc["default", "verdict"] == "holds"
+    assert table.loc["m512", "w/o TR"].endswith("(m512)")
+    assert table.loc["m512", "gap"] == pytest.approx(-5.0) and table.loc["m512", "verdict"] == "inconclusive"
+    # The Table 3 / 4 rows see only the default reading.
+    assert len(report.select_rows(report.results_frame(rows), [report.TABLE3_ROWS[0]])) == 3

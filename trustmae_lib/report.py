@@ -33,6 +33,7 @@ __all__ = [
     "drop_table",
     "paper_reference",
     "claims",
+    "readings_table",
 ]
 
 
@@ -45,6 +46,7 @@ class Row:
     variant: str
     paper: str | None
     paper_table: str | None = None
+    reading: str = ""  # "" = the library's reading (config.READINGS names the alternatives)
 
 
 TABLE3_ROWS = (
@@ -109,7 +111,8 @@ def select_rows(frame: pd.DataFrame, rows: Sequence[Row]) -> pd.DataFrame:
     """The entries of ``frame`` that belong to ``rows``, with the row label in column ``row`` (in row order)."""
     parts = []
     for row in rows:
-        part = frame[(frame["method"] == row.method) & (frame["variant"] == row.variant)].copy()
+        keep = (frame["method"] == row.method) & (frame["variant"] == row.variant) & (frame["reading"] == row.reading)
+        part = frame[keep].copy()
         part["row"] = row.label
         parts.append(part)
     if not parts:
@@ -220,6 +223,14 @@ def _means(frame: pd.DataFrame, row: Row, metric: str) -> pd.DataFrame:
     return part.groupby(["noise", "seed"])[metric].mean().unstack("seed")
 
 
+def _verdict(effect: float, spread: float) -> str:
+    """``holds`` when ``effect`` exceeds the seed spread, ``fails`` when it is below minus it, else
+    ``inconclusive``."""
+    if effect > spread:
+        return "holds"
+    return "fails" if effect < -spread else "inconclusive"
+
+
 def claims(frame: pd.DataFrame, metric: str = "image_auroc") -> list[dict]:
     """Check the supplement's three claims on ``frame``; each entry has ``claim, paper, ours, verdict``.
 
@@ -240,10 +251,7 @@ def claims(frame: pd.DataFrame, metric: str = "image_auroc") -> list[dict]:
         common_seed = ma.columns.intersection(mb.columns)
         return (ma.loc[common_noise, common_seed] - mb.loc[common_noise, common_seed]) * 100
 
-    def verdict_of(effect: float, spread: float) -> str:
-        if effect > spread:
-            return "holds"
-        return "fails" if effect < -spread else "inconclusive"
+    verdict_of = _verdict
 
     # 1. TrustMAE beats every baseline at every noise level.
     verdicts, notes = [], []
@@ -317,3 +325,45 @@ def claims(frame: pd.DataFrame, metric: str = "image_auroc") -> list[dict]:
         }
     )
     return out
+
+
+def readings_table(frame: pd.DataFrame, metric: str = "image_auroc") -> pd.DataFrame:
+    """The trust region under each alternative reading (chapter 12): TrustMAE vs w/o TR, paired by seed.
+
+    One row per (noise ratio, TrustMAE reading) in ``frame``: TrustMAE's AUROC (percent, mean ± std over seeds),
+    the w/o TR network it is compared with -- the same reading when ``frame`` has it (readings that change the
+    memory, e.g. ``m512``), else the default one (readings of the trust region itself change nothing without
+    one) -- the paired difference ``gap`` (mean and std over seeds, in points) and its verdict
+    (:func:`claims`' rule: ``holds`` = the trust region helps beyond the seed spread).
+    """
+    from .config import READINGS
+
+    scored = frame[frame["variant"] == "perceptual"].dropna(subset=[metric])
+    full = scored[scored["method"] == "trustmae"]
+    no_tr = scored[scored["method"] == "trustmae_no_tr"]
+    out = []
+    for (noise, reading), part in full.groupby(["noise", "reading"], sort=True):
+        mine = no_tr[(no_tr["noise"] == noise) & (no_tr["reading"] == reading)]
+        against = reading if len(mine) else ""
+        if not len(mine):
+            mine = no_tr[(no_tr["noise"] == noise) & (no_tr["reading"] == "")]
+        a = part.groupby("seed")[metric].mean()
+        b = mine.groupby("seed")[metric].mean()
+        seeds = a.index.intersection(b.index)
+        gap = (a[seeds] - b[seeds]) * 100
+        spread = gap.std(ddof=1) if len(gap) > 1 else 0.0
+        out.append(
+            {
+                "noise %": int(round(100 * noise)),
+                "reading": reading or "default",
+                "what it changes": READINGS[reading]["why"] if reading else "the library's reading (chapter 4)",
+                "TrustMAE": _fmt(a.mean(), a.std(ddof=1) if len(a) > 1 else 0.0, len(a)),
+                "w/o TR": (_fmt(b.mean(), b.std(ddof=1) if len(b) > 1 else 0.0, len(b)) + f" ({against or 'default'})")
+                if len(b)
+                else "--",
+                "gap": round(gap.mean(), 1) if len(gap) else np.nan,
+                "gap std": round(spread, 1) if len(gap) else np.nan,
+                "verdict": _verdict(gap.mean(), spread) if len(gap) else "not tested",
+            }
+        )
+    return pd.DataFrame(out)
