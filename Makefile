@@ -12,7 +12,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 EXECUTED := $(patsubst notebooks/%,book/%,$(NOTEBOOKS))
 export PYTHONHASHSEED := 0
 
-.PHONY: all install book data notebooks html test lint format reproduce sweep bench clean
+.PHONY: all install book data notebooks html test lint format reproduce reproduce-textures readings sweep bench clean
 
 all: book
 
@@ -56,10 +56,18 @@ test: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider tests
 	$(BIN)/pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env notebooks
 
-# The embedded-default noise study (configs/sweep_cpu.yaml) from scratch; `make sweep` only fills in missing cells.
+# The embedded-default noise study (configs/sweep_cpu.yaml: synthetic widget + elpv mono) from scratch;
+# `make sweep` only fills in missing or stale cells of every committed sweep.
 reproduce: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu --fresh --jobs 2
+
+# Chapter 13's texture runs and chapter 12's study of alternative readings (on a validation copy of the widget).
+reproduce-textures: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu_textures --fresh --jobs 2
+
+readings: $(STAMP)
+	$(PY) -m trustmae_lib data synthetic --profile cpu --seed 1 --out $(DATA)/val/synthetic
+	$(PY) -m trustmae_lib sweep sweep_cpu_readings --jobs 2
 
 sweep: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu --jobs 2

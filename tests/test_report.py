@@ -138,5 +138,14 @@ def test_readings_table_pairs_each_reading_with_its_own_or_the_default_no_tr():
     assert table.loc["default", "gap"] == pytest.approx(3.0) and table.loc["default", "verdict"] == "holds"
     assert table.loc["m512", "w/o TR"].endswith("(m512)")
     assert table.loc["m512", "gap"] == pytest.approx(-5.0) and table.loc["m512", "verdict"] == "inconclusive"
+    assert table.loc["m512", "per seed"] == pytest.approx((0.0, -5.0, -10.0))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from trustmae_lib import viz
+
+    ax = viz.reading_gaps(table.reset_index()).axes[0]
+    assert [round(b.get_height(), 1) for b in ax.patches] == list(table["gap"])
+    assert sorted(ax.get_lines()[2].get_ydata()) == pytest.approx([-10.0, -5.0, 0.0])  # m512's seeds (3rd row)
     # The Table 3 / 4 rows see only the default reading.
     assert len(report.select_rows(report.results_frame(rows), [report.TABLE3_ROWS[0]])) == 3

@@ -333,7 +333,7 @@ def readings_table(frame: pd.DataFrame, metric: str = "image_auroc") -> pd.DataF
     One row per (noise ratio, TrustMAE reading) in ``frame``: TrustMAE's AUROC (percent, mean ± std over seeds),
     the w/o TR network it is compared with -- the same reading when ``frame`` has it (readings that change the
     memory, e.g. ``m512``), else the default one (readings of the trust region itself change nothing without
-    one) -- the paired difference ``gap`` (mean and std over seeds, in points) and its verdict
+    one) -- the paired difference ``gap`` (mean and std over seeds, in points; ``per seed`` lists it) and its verdict
     (:func:`claims`' rule: ``holds`` = the trust region helps beyond the seed spread).
     """
     from .config import READINGS
@@ -363,6 +363,7 @@ def readings_table(frame: pd.DataFrame, metric: str = "image_auroc") -> pd.DataF
                 else "--",
                 "gap": round(gap.mean(), 1) if len(gap) else np.nan,
                 "gap std": round(spread, 1) if len(gap) else np.nan,
+                "per seed": tuple(round(float(v), 1) for v in gap),
                 "verdict": _verdict(gap.mean(), spread) if len(gap) else "not tested",
             }
         )

@@ -165,3 +165,21 @@ def auroc_heatmap(frame, rows, metric: str = "image_auroc", size: float = 0.9) -
     fig.colorbar(im, ax=ax, label=f"{metric.replace('_', ' ')} (%)", shrink=0.8)
     fig.tight_layout()
     return fig
+
+
+def reading_gaps(table, size: float = 3.6) -> Figure:
+    """TrustMAE minus w/o TR per alternative reading: one dot per seed, a bar for the mean
+    (:func:`trustmae_lib.report.readings_table`); above zero the trust region helps."""
+    fig, ax = plt.subplots(figsize=(size * 1.6, size))
+    several = table["noise %"].nunique() > 1
+    labels = [f"{r} ({n} %)" if several else r for r, n in zip(table["reading"], table["noise %"], strict=True)]
+    x = np.arange(len(table))
+    ax.bar(x, table["gap"], 0.6, alpha=0.35, label="mean over seeds")
+    for i, seeds in enumerate(table["per seed"]):
+        ax.plot([i] * len(seeds), seeds, "o", color="C0", ms=4, label="one seed" if i == 0 else None)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=8)
+    ax.set(ylabel="TrustMAE − w/o TR (AUROC points)", title="does the trust region help? (above 0: yes)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
