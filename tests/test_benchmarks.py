@@ -163,10 +163,14 @@ def test_profile_step_schema(tmp_path, keep_threads):
 def test_bench_changes_compares_identical_outputs(tmp_path, keep_threads):
     out = tmp_path / "changes.json"
     args = ["--sizes", "16", "24", "--batch", "8", "--texture", "32", "8", "--out", str(out), "--wait-idle", "0"]
-    assert _load("bench_changes").main(args + ["--threads", "1", "--repeats", "2"]) == 0
+    assert _load("bench_changes").main(args + ["--threads", "1", "--repeats", "2", "--prefetch-steps", "4"]) == 0
     data = json.loads(out.read_text())
     assert data["kind"] == "changes" and data["machine"]["torch_threads"] == 1
-    rows = data["results"]
+    rows, prefetch = data["results"][:3], data["results"][3:]
+    # The prefetcher must train exactly the same weights as drawing in the loop.
+    assert [(r["method"], r["identical_output"]) for r in prefetch] == [("ae_l2", True), ("ae_ssim", True),
+                                                                        ("memae", True)]  # fmt: skip
+    assert all(r["step_wall_before_ms"] > 0 and r["step_wall_after_ms"] > 0 for r in prefetch)
     assert [(r["shape"], r["applied"]) for r in rows] == [
         ([8, 3, 16, 16], True),
         ([8, 3, 24, 24], True),
