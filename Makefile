@@ -61,17 +61,17 @@ test: $(STAMP)
 reproduce: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu --fresh --jobs 2
 
-# Chapter 13's texture runs and chapter 12's study of alternative readings (on a validation copy of the widget).
+# Chapter 13's texture runs and chapter 12's study of alternative readings of the trust region (on elpv/poly).
 reproduce-textures: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu_textures --fresh --jobs 2
 
 readings: $(STAMP)
-	$(PY) -m trustmae_lib data synthetic --profile cpu --seed 1 --out $(DATA)/val/synthetic
-	$(PY) -m trustmae_lib sweep sweep_cpu_readings --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_readings --fresh --jobs 2
 
 sweep: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_textures --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_readings --jobs 2
 
 # Performance benchmarks (benchmarks/README.md) -> results/bench/*.json, read by the performance chapter.
 bench: $(STAMP)
