@@ -139,6 +139,8 @@ def test_readings_table_pairs_each_reading_with_its_own_or_the_default_no_tr():
     assert table.loc["m512", "w/o TR"].endswith("(m512)")
     assert table.loc["m512", "gap"] == pytest.approx(-5.0) and table.loc["m512", "verdict"] == "inconclusive"
     assert table.loc["m512", "per seed"] == pytest.approx((0.0, -5.0, -10.0))
+    one = report.readings_table(report.results_frame([r for r in rows if r["seed"] == 0])).set_index("reading")
+    assert (one["verdict"] == "too few seeds").all()  # a single seed has no spread to judge by
     import matplotlib
 
     matplotlib.use("Agg")

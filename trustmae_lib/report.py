@@ -334,7 +334,8 @@ def readings_table(frame: pd.DataFrame, metric: str = "image_auroc") -> pd.DataF
     the w/o TR network it is compared with -- the same reading when ``frame`` has it (readings that change the
     memory, e.g. ``m512``), else the default one (readings of the trust region itself change nothing without
     one) -- the paired difference ``gap`` (mean and std over seeds, in points; ``per seed`` lists it) and its verdict
-    (:func:`claims`' rule: ``holds`` = the trust region helps beyond the seed spread).
+    (:func:`claims`' rule: ``holds`` = the trust region helps beyond the seed spread; ``too few seeds`` below two
+    paired seeds, where there is no spread to judge by).
     """
     from .config import READINGS
 
@@ -364,7 +365,7 @@ def readings_table(frame: pd.DataFrame, metric: str = "image_auroc") -> pd.DataF
                 "gap": round(gap.mean(), 1) if len(gap) else np.nan,
                 "gap std": round(spread, 1) if len(gap) else np.nan,
                 "per seed": tuple(round(float(v), 1) for v in gap),
-                "verdict": _verdict(gap.mean(), spread) if len(gap) else "not tested",
+                "verdict": _verdict(gap.mean(), spread) if len(gap) > 1 else "too few seeds",
             }
         )
     return pd.DataFrame(out)
