@@ -13,11 +13,14 @@
    flips and quarter turns), a sixteenth of the pixels; not the same random draws, so not identical output. The
    *before* code is kept here as the reference.
 
-3. ``train.BatchPrefetcher``: the training loop used to draw each step's batch (index, crop, flips) on its own
-   thread before the step; on the CPU it now draws step ``s + 1``'s batch on a helper thread while step ``s``
-   trains. Measured on short training runs of the methods with the largest data share (AE-L2 and AE-SSIM on a
-   texture, MemAE on the widget) at the ``cpu`` profile, each run twice from the same initialisation: the
-   wait for data per step, the wall time per step, and whether the weights after the run are identical.
+3. Tried and **not applied**: drawing step ``s + 1``'s batch on a helper thread while step ``s`` trains
+   (:class:`BatchPrefetcher` below), so that a step never waits for its data. Measured on short training runs of
+   the methods with the largest data share (AE-L2 and AE-SSIM on a texture, MemAE) at the ``cpu`` profile, each
+   run from the same initialisation with the batch drawn in the loop (before) and ahead (after, with the helper
+   thread at torch's default thread count and at one thread): the wait per step, the wall time per step, and
+   whether the weights after the run are identical. The wait vanishes, but on a machine whose cores are all busy
+   with the step the draw still costs the same CPU time, and the step gets slower, so the library keeps drawing
+   in the loop.
 
 The memory-layout change (channels-last) is a proposal for the training loop, measured by ``bench_train.py``.
 
@@ -29,6 +32,7 @@ Usage::
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import sys
 import time
@@ -142,34 +146,60 @@ def measure_crop_first(size: int, crop: int, batch: int, repeats: int) -> dict:
     }
 
 
-def measure_prefetch(method: str, category: str, steps: int) -> dict:
+class BatchPrefetcher:
+    """The rejected alternative: ``get(s)`` returns step ``s``'s batch and starts drawing ``s + 1``'s on a helper
+    thread (``helper_threads`` torch threads there; ``None`` = torch's default) while the caller trains."""
+
+    def __init__(self, draw, last_step: int, helper_threads: int | None = 1):
+        from concurrent.futures import ThreadPoolExecutor
+
+        init = (torch.set_num_threads, (helper_threads,)) if helper_threads else (None, ())
+        self.draw, self.last_step, self.pending = draw, last_step, None
+        self.pool = ThreadPoolExecutor(1, initializer=init[0], initargs=init[1])
+
+    def get(self, step: int) -> torch.Tensor:
+        pending, self.pending = self.pending, None
+        x = pending[1].result() if pending is not None and pending[0] == step else self.draw(step)
+        if step + 1 < self.last_step:
+            self.pending = (step + 1, self.pool.submit(self.draw, step + 1))
+        return x
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def measure_prefetch(method: str, category: str, steps: int, helper_threads: int | None) -> dict:
     """The same ``steps`` training steps drawn in the loop (before) and ahead on a helper thread (after)."""
     from bench_train import StepBench
 
     from trustmae_lib.config import load_profile
-    from trustmae_lib.train import BatchPrefetcher
 
     profile = load_profile("cpu")
     cpu = torch.device("cpu")
     waits, walls, weights = {}, {}, {}
-    for name, enabled in (("before", False), ("after", True)):
+    for name in ("before", "after"):
         bench = StepBench(method, profile, cpu, category=category, seed=0)
-        bench.batches.close()
-        bench.batches = BatchPrefetcher(bench.data, last_step=steps, enabled=enabled)
+        ahead = BatchPrefetcher(bench.data, steps, helper_threads) if name == "after" else None
         wait, wall = [], []
         for step in range(steps):
-            d, s = bench.step(step)
+            common.sync(cpu)
+            t0 = time.perf_counter()
+            x = ahead.get(step) if ahead is not None else bench.data(step)
+            t1 = time.perf_counter()
+            bench.method.step(x, step + 1)
             if step >= 2:  # warm-up
-                wait.append(d)
-                wall.append(d + s)
-        bench.batches.close()
+                wait.append(t1 - t0)
+                wall.append(time.perf_counter() - t0)
+        if ahead is not None:
+            ahead.close()
         waits[name], walls[name] = statistics.median(wait), statistics.median(wall)
         weights[name] = {k: v.clone() for k, v in bench.models["model"].state_dict().items()}
     identical = all(torch.equal(weights["before"][k], weights["after"][k]) for k in weights["before"])
     return {
-        "change": "train.BatchPrefetcher: draw the next batch on a helper thread while the step trains (CPU)",
-        "where": "trustmae_lib/train.py (BatchPrefetcher, _fit)",
-        "applied": True,
+        "change": "draw the next batch on a helper thread while the step trains (tried, not applied)",
+        "where": "benchmarks/bench_changes.py (BatchPrefetcher); the library draws in the loop",
+        "applied": False,
+        "helper_threads": helper_threads or torch.get_num_threads(),
         "method": method,
         "category": category,
         "steps": steps,
@@ -219,11 +249,14 @@ def main(argv=None) -> int:
         f"({row['speedup']:.2f}x)"
     )
     if args.prefetch_steps:
-        for method, category in (("ae_l2", "brick"), ("ae_ssim", "brick"), ("memae", "widget")):
-            row = measure_prefetch(method, category, args.prefetch_steps)
+        for (method, category), helper in itertools.product(
+            (("ae_l2", "brick"), ("ae_ssim", "brick"), ("memae", "brick")), (None, 1)
+        ):
+            row = measure_prefetch(method, category, args.prefetch_steps, helper)
             rows.append(row)
             common.log(
-                f"  prefetch {method} {category}: wait {row['before_ms']:.2f} -> {row['after_ms']:.2f} ms "
+                f"  prefetch ({row['helper_threads']} helper threads) {method} {category}: "
+                f"wait {row['before_ms']:.2f} -> {row['after_ms']:.2f} ms "
                 f"({row['wait_share_before']:.1%} -> {row['wait_share_after']:.1%} of a step), step "
                 f"{row['step_wall_before_ms']:.1f} -> {row['step_wall_after_ms']:.1f} ms, identical "
                 f"{row['identical_output']}"

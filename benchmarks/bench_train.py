@@ -8,9 +8,7 @@ margin, trust), with both Adam updates. A baseline step is :meth:`trustmae_lib.t
 :func:`~trustmae_lib.train.init_memory_from_features`), and every step first draws its batch the way the training
 loop does (:func:`~trustmae_lib.train.batch_indices` on the in-memory training tensors, then
 :func:`~trustmae_lib.train.training_batch`: flips / quarter turns, and for textures in the AE baselines a random
-window cut first). As in the loop, on the CPU the next step's batch is drawn on a helper thread
-(:class:`~trustmae_lib.train.BatchPrefetcher`) while the current step runs, so the data time reported is the
-time the step *waited* for its batch.
+window cut first).
 
 Reported per (profile, method, memory layout): median ms per step and per data draw, the data share of the step,
 images/s, FLOPs per step (``FlopCounterMode``), achieved GFLOP/s and its ratio to the float32 matmul throughput
@@ -91,9 +89,6 @@ class StepBench:
             cls = T._TrustMAEMethod if method.startswith("trustmae") else T._BaselineMethod
             self.method = cls(spec, profile, models, dict(models), device, amp, None)
         self.backbone_weights = used.get("weights")
-        # As in the training loop: on the CPU the next step's batch is drawn on a helper thread meanwhile.
-        self.prefetch = device.type == "cpu"
-        self.batches = T.BatchPrefetcher(self.data, last_step=2**62, enabled=self.prefetch)
         self.models = models
         for m in models.values():
             m.train()
@@ -114,11 +109,10 @@ class StepBench:
         return x
 
     def step(self, step: int) -> tuple[float, float]:
-        """Get the batch (waiting for it if it is not drawn yet) and run one training step; returns ``(data
-        seconds waited, step seconds)``."""
+        """Draw the batch and run one training step; returns ``(data seconds, step seconds)``."""
         common.sync(self.device)
         t0 = time.perf_counter()
-        x = self.batches.get(step)
+        x = self.data(step)
         common.sync(self.device)
         t1 = time.perf_counter()
         self.method.step(x, step + 1)
@@ -225,7 +219,6 @@ def main(argv=None) -> int:
                         )
                         row["input_size"] = bench.crop or bench.size
                         row["texture_protocol"] = bench.crop is not None
-                        row["prefetch"] = bench.prefetch
                         if method == "trustmae":
                             row["backbone"] = profile.backbone
                             row["backbone_weights"] = bench.backbone_weights

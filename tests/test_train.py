@@ -304,34 +304,3 @@ def test_bad_readings_are_one_line_errors(kwargs, match):
     with pytest.raises(TrustMAEError, match=match):
         RunSpec(**kwargs)
 
-
-def test_prefetcher_returns_each_steps_batch_whatever_the_order():
-    from trustmae_lib.train import BatchPrefetcher
-
-    drawn = []
-
-    def draw(step):
-        drawn.append(step)
-        return torch.full((1,), float(step))
-
-    with BatchPrefetcher(draw, last_step=5) as batches:
-        got = [float(batches.get(s)) for s in (0, 1, 2, 4, 3)]  # 4 out of order: drawn on demand
-    assert got == [0.0, 1.0, 2.0, 4.0, 3.0]
-    assert 5 not in drawn  # never beyond the last step
-    with BatchPrefetcher(draw, last_step=3, enabled=False) as batches:
-        assert batches.pool is None and float(batches.get(2)) == 2.0
-
-
-def test_prefetched_training_equals_training_that_draws_in_the_loop(tmp_path, monkeypatch):
-    from trustmae_lib import train as train_mod
-
-    spec = RunSpec(method="ae_l2", category="brick", steps=4)  # texture protocol: random crops + symmetries
-    ahead = fit(spec, tmp_path / "ahead", progress=False).models["model"].state_dict()
-
-    class InLoop(train_mod.BatchPrefetcher):
-        def __init__(self, draw, last_step, enabled=True):
-            super().__init__(draw, last_step, enabled=False)
-
-    monkeypatch.setattr(train_mod, "BatchPrefetcher", InLoop)
-    inline = fit(spec, tmp_path / "inline", progress=False).models["model"].state_dict()
-    assert ahead.keys() == inline.keys() and all(torch.equal(ahead[k], inline[k]) for k in ahead)

@@ -269,51 +269,6 @@ def training_batch(
     return x
 
 
-class BatchPrefetcher:
-    """Draws step ``s + 1``'s batch on a helper thread while step ``s`` trains (engineering, not the paper).
-
-    A batch is a pure function of its step (:func:`batch_indices` and a generator seeded from the step), so the
-    batches -- and the trained weights -- are exactly those of drawing in the loop; only the time the loop
-    *waits* for data changes (``benchmarks/bench_train.py`` reports it). With ``enabled=False`` every batch is
-    drawn when asked, on the calling thread.
-
-    Args:
-        draw: ``step -> batch``.
-        last_step: no batch is drawn for this step or later.
-        enabled: use the helper thread.
-    """
-
-    def __init__(self, draw, last_step: int, enabled: bool = True):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.draw, self.last_step = draw, last_step
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="trustmae-batches") if enabled else None
-        self.pending = None  # (step, future) of the batch being drawn ahead
-
-    def get(self, step: int) -> Tensor:
-        """The batch of ``step``; then starts drawing ``step + 1``'s."""
-        if self.pending is not None and self.pending[0] == step:
-            x = self.pending[1].result()
-        else:
-            if self.pending is not None:
-                self.pending[1].cancel()
-            x = self.draw(step)
-        ahead = step + 1
-        self.pending = (ahead, self.pool.submit(self.draw, ahead)) if self.pool and ahead < self.last_step else None
-        return x
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-        self.pending = None
-
-    def __enter__(self) -> BatchPrefetcher:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
 @torch.no_grad()
 def recalibrate_batchnorm(
     model: nn.Module, images: Tensor, batch_size: int, crop: int | None = None, seed: int = 0
@@ -856,19 +811,15 @@ def _fit(spec: RunSpec, out_dir: Path, resume: bool, progress: bool, device, ddp
         disable=not (progress and ddp.is_main),
         dynamic_ncols=True,
     )
-
-    def draw(s: int) -> Tensor:
-        idx = batch_indices(s, n, global_batch, spec.seed, ddp.rank, ddp.world_size).to(dev)
-        gen = torch.Generator().manual_seed(_mix(spec.seed, s, ddp.rank))
-        x = training_batch(images, masks, idx, crop, index.fixed_orientation, gen)
-        return x.contiguous(memory_format=torch.channels_last) if dev.type == "cuda" else x
-
     try:
-        # On the CPU the next batch is drawn while this step trains (same batches; CUDA draws on the device).
-        with _StopFlag() as stop, BatchPrefetcher(draw, steps, enabled=dev.type == "cpu") as batches:
+        with _StopFlag() as stop:
             while step < steps:
                 t0 = time.perf_counter()
-                x = batches.get(step)
+                idx = batch_indices(step, n, global_batch, spec.seed, ddp.rank, ddp.world_size).to(dev)
+                gen = torch.Generator().manual_seed(_mix(spec.seed, step, ddp.rank))
+                x = training_batch(images, masks, idx, crop, index.fixed_orientation, gen)
+                if dev.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
                 t1 = time.perf_counter()
                 data_wait += t1 - t0
                 try:
