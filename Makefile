@@ -80,6 +80,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_memory.py --out results/bench/memory.json
 	$(PY) benchmarks/profile_step.py --out results/bench/profile.json
 	$(PY) benchmarks/bench_changes.py --out results/bench/changes.json
+	-$(PY) benchmarks/sweep_data.py --out results/bench/sweep_data.json  # needs the sweep's run folders
 	$(PY) benchmarks/report.py results/bench
 
 clean:

@@ -207,3 +207,23 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
 def test_gpu_check_rejects_unknown_arguments():
     proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--bogus"], capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown argument" in proc.stderr
+
+
+def test_sweep_data_reads_the_waits_the_runs_logged(tmp_path):
+    runs = tmp_path / "runs"
+    for name, method, data_s, finished in (("a", "memae", 0.02, True), ("b", "memae", 0.04, True),
+                                           ("c", "trustmae", 0.01, True), ("d", "ae_l2", 0.5, False)):  # fmt: skip
+        run = runs / name
+        run.mkdir(parents=True)
+        spec = {"method": method, "dataset": "synthetic", "category": "widget"}
+        (run / "run.json").write_text(json.dumps({"spec": spec, "finished": finished, "train_wall_s": 10.0,
+                                                  "data_wait_s": 10 * data_s}))  # fmt: skip
+        (run / "log.csv").write_text(f"step,step_s,data_s\n10,1.0,{data_s}\n20,1.0,{data_s}\n")
+    out = tmp_path / "sweep_data.json"
+    assert _load("sweep_data").main(["--runs", str(runs), "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"memae", "trustmae"}  # the unfinished run is left out
+    assert rows["memae"]["runs"] == 2 and math.isclose(rows["memae"]["median_step_share"], 0.03)
+    assert math.isclose(rows["memae"]["max_step_share"], 0.04)
+    assert math.isclose(rows["trustmae"]["median_total_share"], 0.01)
+    assert _load("sweep_data").main(["--runs", str(tmp_path / "none"), "--out", str(out)]) == 2
