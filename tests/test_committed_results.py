@@ -1,4 +1,4 @@
-"""The committed noise-study results (`results/cpu/`) are current and reproducible.
+"""The committed noise-study results (`results/cpu/`, `results/cpu_readings/`) are current and reproducible.
 
 * every cell of the committed sweeps has a result file whose config hash matches today's code -- a change to the
   library version, a profile, the loss weights or a run's spec makes this fail until the results are recomputed;
@@ -14,7 +14,7 @@ from trustmae_lib import sweep
 from trustmae_lib.config import RunSpec
 from trustmae_lib.io import read_json
 
-COMMITTED = ("sweep_cpu", "sweep_cpu_textures")
+COMMITTED = ("sweep_cpu", "sweep_cpu_textures", "sweep_cpu_readings")
 #: The cell recomputed from scratch: TrustMAE with the trust region at 10 % noise (re-drawn defects included).
 CELL = RunSpec(dataset="synthetic", category="widget", noise_ratio=0.1, method="trustmae", profile="cpu", seed=0,
                steps=300)  # fmt: skip
