@@ -81,6 +81,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/profile_step.py --out results/bench/profile.json
 	$(PY) benchmarks/bench_changes.py --out results/bench/changes.json
 	-$(PY) benchmarks/sweep_data.py --out results/bench/sweep_data.json  # needs the sweep's run folders
+	$(PY) benchmarks/sweep_time.py --out results/bench/sweep_time.json  # ~13 min: noise-study cells, 3 code versions
 	$(PY) benchmarks/report.py results/bench
 
 clean:

@@ -101,6 +101,12 @@ def main(argv=None) -> int:
                 )
             found.setdefault(kind, data)
             continue
+        if kind == "sweep_time":
+            for arm, total in data["total_wall_s"].items():
+                n = sum(r["arm"] == arm for r in data["results"])
+                print(f"   {arm:9s} {total / 60:6.1f} min over {n} cells (code {data['refs'].get(arm, '?')})")
+            found.setdefault(kind, data)
+            continue
         lim = data.get("limits", {})
         print("   limit: " + ", ".join(f"{k} {v['gflops']:.1f} GFLOP/s" for k, v in lim.items() if isinstance(v, dict)))
         found.setdefault(kind, data)

@@ -227,3 +227,29 @@ def test_sweep_data_reads_the_waits_the_runs_logged(tmp_path):
     assert math.isclose(rows["memae"]["max_step_share"], 0.04)
     assert math.isclose(rows["trustmae"]["median_total_share"], 0.01)
     assert _load("sweep_data").main(["--runs", str(tmp_path / "none"), "--out", str(out)]) == 2
+
+
+@pytest.mark.usefixtures("isolated_data")
+def test_sweep_time_runs_the_cells_through_the_command_line_of_each_arm(tmp_path):
+    out = tmp_path / "sweep_time.json"
+    args = ["--arms", "after", "after-cl", "--profile", "smoke", "--methods", "ae_l2", "trustmae", "--steps", "2"]
+    args += ["--out", str(out)]
+    assert _load("sweep_time").main(args) == 0
+    data = json.loads(out.read_text())
+    assert data["schema"] == 1 and data["kind"] == "sweep_time" and data["machine"]["cpu"]
+    tm = [r for r in data["results"] if r["method"] == "trustmae"]
+    assert len(tm) == 2 and all(r["variant"] == "perceptual" for r in tm)  # TrustMAE's own scoring, not "global"
+    assert all(r["image_auroc"] == r["image_auroc_by_variant"]["perceptual"] for r in tm)
+    rows = {r["arm"]: r for r in data["results"] if r["method"] == "ae_l2"}
+    assert set(rows) == {"after", "after-cl"} and all(r["returncode"] == 0 for r in rows.values())
+    assert rows["after"]["train_channels_last"] is False and rows["after-cl"]["train_channels_last"] is True
+    assert all(r["steps"] == 2 and 0 <= r["image_auroc"] <= 1 and r["wall_s"] > r["train_wall_s"] > 0
+               for r in rows.values())  # fmt: skip
+    after = sum(r["wall_s"] for r in data["results"] if r["arm"] == "after")
+    assert data["total_wall_s"]["after"] == pytest.approx(after, abs=0.11)
+
+
+def test_sweep_time_names_a_commit_it_cannot_check_out(tmp_path):
+    with pytest.raises(SystemExit, match="cannot check out commit 0000000"):
+        _load("sweep_time").main(["--arms", "before", "--before-ref", "0000000", "--out", str(tmp_path / "t.json")])
+    assert not (tmp_path / "t.json").exists()

@@ -186,3 +186,16 @@ def test_bad_readings_in_a_sweep_file_are_a_one_line_error(tmp_path, readings):
     path.write_text(f"profile: smoke\ndatasets: {{synthetic: [brick]}}\nmethods: [trustmae]\nreadings: {readings}\n")
     with pytest.raises(TrustMAEError, match="reading"):
         sweep.load_sweep(path)
+
+
+def test_a_channels_last_sweep_keys_only_trained_cells_and_keeps_its_results_apart(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("profile: smoke\ndatasets: {synthetic: [widget]}\nmethods: [ae_l2, trustmae, patchcore]\n"
+                    "noise_ratios: [0.0]\nseeds: [0]\nchannels_last: true\n")  # fmt: skip
+    config = sweep.load_sweep(path)
+    assert {(s.method, s.channels_last) for s in config.grid()} == {("ae_l2", True), ("trustmae", True),
+                                                                    ("patchcore", False)}  # fmt: skip
+    assert config.results_dir.name == "smoke-cl" and config.runs_dir.name == "smoke-cl"
+    path.write_text(path.read_text().replace("channels_last: true", "channels_last: yes please"))
+    with pytest.raises(TrustMAEError, match="'channels_last' must be true or false"):
+        sweep.load_sweep(path)

@@ -304,3 +304,28 @@ def test_bad_readings_are_one_line_errors(kwargs, match):
     with pytest.raises(TrustMAEError, match=match):
         RunSpec(**kwargs)
 
+
+
+def test_channels_last_training_on_the_cpu_is_keyed_apart_and_agrees_up_to_rounding(tmp_path):
+    base = RunSpec(method="trustmae", category="widget", steps=1)
+    cl = RunSpec(method="trustmae", category="widget", steps=1, channels_last=True)
+    assert base.config_hash() == RunSpec(method="trustmae", category="widget", steps=1).config_hash()
+    assert cl.config_hash() != base.config_hash() and run_dir_for(cl).name.split("-")[-2] == "cl"
+    a, b = fit(base, tmp_path / "nchw", progress=False), fit(cl, tmp_path / "cl", progress=False)
+    assert not load_checkpoint(a.run_dir / CHECKPOINT)["channels_last"]
+    assert load_checkpoint(b.run_dir / CHECKPOINT)["channels_last"]
+    conv = next(k for k, v in b.models["model"].state_dict().items() if v.ndim == 4)
+    assert b.models["model"].state_dict()[conv].is_contiguous(memory_format=torch.channels_last)
+    # The same forward pass: every term of Eq. 9 at step 1 agrees up to float rounding ...
+    la, lb = next(iter_log(a.run_dir)), next(iter_log(b.run_dir))
+    for term in ("rec", "sm", "vgg", "gan", "feat", "trust", "total"):
+        assert lb[term] == pytest.approx(la[term], rel=1e-5, abs=5e-6), term  # the log keeps 6 decimals
+    # ... and Adam moves a weight by at most lr per step, whatever the gradient's size: a gradient that is zero up to
+    # rounding may point either way in the two layouts, so the two runs' weights differ by at most 2 lr after a step.
+    lr = max(load_profile("smoke").lr, load_profile("smoke").lr_disc)
+    for name in ("model", "discriminator"):
+        pa, pb = dict(a.models[name].named_parameters()), dict(b.models[name].named_parameters())
+        for key in pa:
+            assert (pa[key] - pb[key]).abs().max() <= 2 * lr + 2e-5, f"{name}.{key}"  # + init rounding
+    with pytest.raises(TrustMAEError, match="trains nothing"):
+        RunSpec(method="patchcore", channels_last=True)

@@ -155,7 +155,8 @@ def _spec_from_args(args: argparse.Namespace):
         dataset = str(path.resolve())  # one spelling per folder, so the config hash is stable
     return RunSpec(dataset=dataset, category=args.category, noise_ratio=ratio, protocol=args.protocol,
                    method=args.method, profile=args.profile, seed=args.seed, backbone=args.backbone or "",
-                   steps=args.steps, reading=args.reading or "")  # fmt: skip
+                   steps=args.steps, reading=args.reading or "",
+                   channels_last=bool(getattr(args, "channels_last", False)))  # fmt: skip
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -217,6 +218,8 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=0, help="training steps override (default: the profile's)")
     p.add_argument("--reading", default="", choices=["", *READINGS], metavar="NAME",
                    help=f"alternative reading of an open choice (TrustMAE only): {', '.join(READINGS)}")
+    p.add_argument("--channels-last", action="store_true",
+                   help="train in the channels-last layout on the CPU too (~1.2x faster; its own run folder)")
     p.add_argument("--out", default="runs", help="parent folder of the run folders (default: runs)")
     p.add_argument("--resume", action="store_true", help="continue the run's checkpoint")
     p.add_argument("--evaluate", action="store_true", help="evaluate right after training (writes result.json)")

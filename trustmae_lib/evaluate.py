@@ -489,6 +489,7 @@ def evaluate(
         "torch_version": str(torch.__version__),
         "device": str(trained.device),
         "train_device": meta.get("device"),
+        "train_channels_last": meta.get("channels_last"),
         "train_wall_s": round(float(meta.get("train_wall_s", 0.0)), 3),
         "eval_wall_s": round(time.perf_counter() - t0, 3),
         "config_hash": meta.get("config_hash"),

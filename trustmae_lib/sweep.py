@@ -54,6 +54,7 @@ class SweepConfig:
     protocol: str = "overlap"
     steps: int | dict = 0  # training steps: one number for every method, or {method: steps}; 0 = the profile's
     readings: tuple | dict = ("",)  # readings (config.READINGS) of TrustMAE cells, or {method: [...]}; "" = default
+    channels_last: bool = False  # train every trained cell channels-last on the CPU too (RunSpec.channels_last)
     results: str = ""  # folder of result files; default results/<profile>
     runs: str = ""  # folder of run folders (checkpoints); default runs/<profile>
 
@@ -70,6 +71,7 @@ class SweepConfig:
                 seed=int(s),
                 steps=self.steps_for(m),
                 reading=v,
+                channels_last=self.channels_last and m not in REFERENCE_METHODS,
             )
             for d, categories in self.datasets.items()
             for c in categories
@@ -97,11 +99,12 @@ class SweepConfig:
 
     @property
     def results_dir(self) -> Path:
-        return _resolve(self.results or f"results/{self.profile}")
+        """``results`` or ``results/<profile>`` (``results/<profile>-cl`` for a channels-last sweep, kept apart)."""
+        return _resolve(self.results or f"results/{self.profile}{'-cl' if self.channels_last else ''}")
 
     @property
     def runs_dir(self) -> Path:
-        return _resolve(self.runs or f"runs/{self.profile}")
+        return _resolve(self.runs or f"runs/{self.profile}{'-cl' if self.channels_last else ''}")
 
 
 def _resolve(path: str) -> Path:
@@ -158,6 +161,8 @@ def load_sweep(name_or_path: str | Path) -> SweepConfig:
         raise TrustMAEError(
             f"{path}: 'steps' must be a whole number >= 0 (0 = the profile's) or a mapping method: steps, got {steps!r}"
         )
+    if not isinstance(raw.get("channels_last", False), bool):
+        raise TrustMAEError(f"{path}: 'channels_last' must be true or false, got {raw['channels_last']!r}")
     if raw.get("protocol", "overlap") not in PROTOCOLS:
         raise TrustMAEError(f"{path}: protocol must be one of {', '.join(PROTOCOLS)}")
     config = SweepConfig(**raw)

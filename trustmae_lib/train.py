@@ -27,7 +27,8 @@ Engineering (not in the paper):
 * A **NaN/inf** loss stops the run with a one-line :class:`~trustmae_lib.errors.TrustMAEError`; the last good
   checkpoint is kept, never overwritten.
 * **CUDA**: automatic mixed precision (bf16 where supported, else fp16 with a ``GradScaler``) and
-  ``channels_last``; losses are computed in float32.
+  ``channels_last``; losses are computed in float32. On the CPU the layout is NCHW unless the spec asks for
+  ``channels_last`` (:attr:`~trustmae_lib.config.RunSpec.channels_last`, ``trustmae train --channels-last``).
 * **DDP**: under ``torchrun`` (``RANK`` / ``WORLD_SIZE`` set) the same entry point initialises the process group
   (NCCL on CUDA, gloo on CPU), shards every global batch over the ranks (each rank takes every
   ``world_size``-th index, as ``DistributedSampler`` does), wraps the networks in ``DistributedDataParallel`` and
@@ -704,6 +705,7 @@ def _fit(spec: RunSpec, out_dir: Path, resume: bool, progress: bool, device, ddp
         save_manifest(split, run_dir / MANIFEST)
 
     dev = _device_for(ddp, device)
+    channels_last = dev.type == "cuda" or spec.channels_last
     amp_dtype = None
     if dev.type == "cuda":
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -713,7 +715,7 @@ def _fit(spec: RunSpec, out_dir: Path, resume: bool, progress: bool, device, ddp
     models = build_models(spec, profile)
     for m in models.values():
         m.to(dev)
-        if dev.type == "cuda":
+        if channels_last:
             m.to(memory_format=torch.channels_last)
     texture = is_texture(spec.category, index.root)
     size, crop = _train_size(spec.method, profile, texture)
@@ -775,6 +777,7 @@ def _fit(spec: RunSpec, out_dir: Path, resume: bool, progress: bool, device, ddp
             "train_wall_s": wall,
             "data_wait_s": data_before + data_wait,
             "device": str(dev),
+            "channels_last": channels_last,
             "world_size": ddp.world_size,
             "root": str(index.root),
             "manifest_hash": split.manifest_hash,
@@ -795,6 +798,7 @@ def _fit(spec: RunSpec, out_dir: Path, resume: bool, progress: bool, device, ddp
                 "train_wall_s": round(wall, 3),
                 "data_wait_s": round(data_before + data_wait, 3),
                 "device": str(dev),
+                "channels_last": channels_last,
                 "world_size": ddp.world_size,
                 "manifest_hash": split.manifest_hash,
                 "backbone": method.backbone_info,
@@ -818,7 +822,7 @@ def _fit(spec: RunSpec, out_dir: Path, resume: bool, progress: bool, device, ddp
                 idx = batch_indices(step, n, global_batch, spec.seed, ddp.rank, ddp.world_size).to(dev)
                 gen = torch.Generator().manual_seed(_mix(spec.seed, step, ddp.rank))
                 x = training_batch(images, masks, idx, crop, index.fixed_orientation, gen)
-                if dev.type == "cuda":
+                if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 t1 = time.perf_counter()
                 data_wait += t1 - t0
