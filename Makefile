@@ -61,9 +61,11 @@ test: $(STAMP)
 reproduce: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu --fresh --jobs 2
 
-# Chapter 13's texture runs and chapter 12's study of alternative readings of the trust region (on elpv/poly).
+# Chapter 13's texture runs (300 steps, and every synthetic category at the profile's 600 steps) and chapter 12's
+# study of alternative readings of the trust region (on elpv/poly).
 reproduce-textures: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu_textures --fresh --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_bar --fresh --jobs 2
 
 readings: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu_readings --fresh --jobs 2
@@ -71,6 +73,7 @@ readings: $(STAMP)
 sweep: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_textures --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_bar --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_readings --jobs 2
 
 # Performance benchmarks (benchmarks/README.md) -> results/bench/*.json, read by the performance chapter.

@@ -14,7 +14,7 @@ from trustmae_lib import sweep
 from trustmae_lib.config import RunSpec
 from trustmae_lib.io import read_json
 
-COMMITTED = ("sweep_cpu", "sweep_cpu_textures", "sweep_cpu_readings")
+COMMITTED = ("sweep_cpu", "sweep_cpu_textures", "sweep_cpu_bar", "sweep_cpu_readings")
 #: The cell recomputed from scratch: TrustMAE with the trust region at 10 % noise (re-drawn defects included).
 CELL = RunSpec(dataset="synthetic", category="widget", noise_ratio=0.1, method="trustmae", profile="cpu", seed=0,
                steps=300)  # fmt: skip

@@ -104,7 +104,8 @@ def test_unknown_key_and_method_are_named(tmp_path):
 
 
 def test_shipped_sweep_files_load():
-    for name in ("sweep_cpu", "sweep_paper", "sweep_cpu_textures", "sweep_cpu_readings", "sweep_cpu_full"):
+    for name in ("sweep_cpu", "sweep_paper", "sweep_cpu_textures", "sweep_cpu_bar", "sweep_cpu_readings",
+                 "sweep_cpu_full"):
         assert sweep.load_sweep(name).grid()
 
 
