@@ -420,4 +420,3 @@ def start(args, name: str):
     log(f"  matmul limit: {', '.join(shown)}")
     ref = lim["bfloat16" if amp is not None else "float32"]["gflops"]
     return device, amp, machine, lim, ref, lim.get("bf16_peak_tflops_datasheet")
-

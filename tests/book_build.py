@@ -36,9 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: ``book/`` (pages, bibliography, figures, local extensions) and the Sphinx folders at the root.
 BOOK_ASSETS = ("_config.yml", "book", "_static", "_templates", "_ext")
 #: Never copied from ``book/``: executed chapters (the smoke build writes its own) and build leftovers.
-IGNORED = shutil.ignore_patterns(
-    "[0-9][0-9]_*.ipynb", "*.partial.ipynb", ".ipynb_checkpoints", "__pycache__", "_build"
-)
+IGNORED = shutil.ignore_patterns("[0-9][0-9]_*.ipynb", "*.partial.ipynb", ".ipynb_checkpoints", "__pycache__", "_build")
 #: Sphinx log lines, e.g. ``/tmp/x/book/intro.md:12: WARNING: undefined label: 'fig-x' [ref.ref]``.
 WARNING_LINE = re.compile(r"\bWARNING:")
 ERROR_LINE = re.compile(r"\b(ERROR|SEVERE|CRITICAL):")

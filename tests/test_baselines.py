@@ -118,9 +118,7 @@ def test_memae_weights_follow_hard_shrinkage_formula():
 def test_memae_loss_hand_case():
     x = torch.zeros(1, 3, 4, 4)
     recon = torch.full((1, 3, 4, 4), 0.5)  # MSE = 0.25
-    weights = torch.tensor(
-        [[[[0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]]]
-    )  # (1, 1, 2, 4): entropies ln 2, 0
+    weights = torch.tensor([[[[0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]]])  # (1, 1, 2, 4): entropies ln 2, 0
     total, logs = memae_loss(x, BaselineOutput(recon, weights))
     entropy = math.log(2) / 2
     assert logs["recon"] == pytest.approx(0.25)
@@ -205,9 +203,7 @@ def test_training_steps_reduce_loss(name):
         assert logs["loss"] == pytest.approx(total.item())
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.9 * losses[0], losses
-    assert (
-        sum(b < a for a, b in zip(losses[:-1], losses[1:], strict=True)) > 20
-    )  # mostly monotone, not one lucky step
+    assert sum(b < a for a, b in zip(losses[:-1], losses[1:], strict=True)) > 20  # mostly monotone, not one lucky step
 
 
 # ---------------------------------------------------------------------------------------------- residual maps
@@ -294,9 +290,7 @@ def test_sliding_window_map_matches_naive_loop(residual_fn):
 
     images = torch.rand(2, 3, 48, 64) * 2 - 1  # non-square, so swapped axes would fail
     with torch.no_grad():
-        fast = sliding_window_map(
-            model_fn, images, window=16, stride=8, residual_fn=residual_fn, max_windows=7
-        )
+        fast = sliding_window_map(model_fn, images, window=16, stride=8, residual_fn=residual_fn, max_windows=7)
         slow, count = _naive_sliding(model_fn, images, 16, 8, residual_fn)
     assert fast.shape == (2, 1, 48, 64)
     assert (count > 0).all()  # the grid covers every pixel

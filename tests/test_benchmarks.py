@@ -169,7 +169,8 @@ def test_bench_changes_compares_identical_outputs(tmp_path, keep_threads):
     rows, prefetch = data["results"][:3], data["results"][3:]
     # The (rejected) prefetcher trains exactly the same weights as drawing in the loop, with either helper.
     assert [(r["method"], r["helper_threads"], r["identical_output"], r["applied"]) for r in prefetch] == [
-        (m, h, True, False) for m in ("ae_l2", "ae_ssim", "memae") for h in (1, 1)]  # 1 torch thread here anyway
+        (m, h, True, False) for m in ("ae_l2", "ae_ssim", "memae") for h in (1, 1)
+    ]  # 1 torch thread here anyway
     assert all(r["step_wall_before_ms"] > 0 and r["step_wall_after_ms"] > 0 for r in prefetch)
     assert [(r["shape"], r["applied"]) for r in rows] == [
         ([8, 3, 16, 16], True),

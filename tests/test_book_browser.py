@@ -430,9 +430,7 @@ def _bad_links(html_root: Path, page: Path) -> list[str]:
             bad.append(f"<{tag}> {ref!r} points outside the book")
         elif not target.is_file():
             bad.append(f"<{tag}> {ref!r}: no file {target.relative_to(html_root.resolve())}")
-        elif (
-            parts.fragment and target.suffix == ".html" and unquote(parts.fragment) not in _parse(target).ids
-        ):
+        elif parts.fragment and target.suffix == ".html" and unquote(parts.fragment) not in _parse(target).ids:
             bad.append(f"<{tag}> {ref!r}: no id {parts.fragment!r} in {target.name}")
     return bad
 
@@ -447,8 +445,6 @@ def test_links_resolve(book: Book, docname: str) -> None:
 def test_links_resolve_on_other_pages(book: Book) -> None:
     """Index, search, general index: every HTML file outside the toc pages."""
     pages = {book.page(name).resolve() for name in book.built}
-    others = [
-        p for p in sorted(book.html.rglob("*.html")) if p.resolve() not in pages and "_static" not in p.parts
-    ]
+    others = [p for p in sorted(book.html.rglob("*.html")) if p.resolve() not in pages and "_static" not in p.parts]
     bad = [f"{p.relative_to(book.html)}: {b}" for p in others for b in _bad_links(book.html, p)]
     assert not bad, "broken links:\n" + "\n".join(bad)

@@ -69,15 +69,11 @@ def test_ssim_matches_skimage_on_random_pairs(shape):
         assert ssim(to_pm1(a[i : i + 1]), to_pm1(b[i : i + 1])).item() == pytest.approx(ref, abs=1e-4)
 
 
-@pytest.mark.parametrize(
-    "name,size", [("astronaut", (96, 96)), ("coffee", (64, 96)), ("astronaut", (128, 80))]
-)
+@pytest.mark.parametrize("name,size", [("astronaut", (96, 96)), ("coffee", (64, 96)), ("astronaut", (128, 80))])
 def test_ssim_matches_skimage_on_real_images(name, size):
     img = real_image(name, size)
     noisy = (img + 0.1 * torch.randn(img.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
-    blurred = torch.from_numpy(gaussian(img.permute(1, 2, 0).numpy(), sigma=1.2, channel_axis=-1)).permute(
-        2, 0, 1
-    )
+    blurred = torch.from_numpy(gaussian(img.permute(1, 2, 0).numpy(), sigma=1.2, channel_axis=-1)).permute(2, 0, 1)
     for other in (noisy, blurred.float(), img.flip(-1)):
         ref = sk_ssim(img, other)
         ours = ssim(to_pm1(img)[None], to_pm1(other)[None]).item()
@@ -106,9 +102,7 @@ def test_ssim_identity_symmetry_and_input_range():
     assert ssim(x, y).item() == pytest.approx(ssim(y, x).item(), abs=1e-7)
     assert ssim(x, y).item() < 0.5
     # [-1, 1] inputs are mapped to [0, 1]: same value as [0, 1] inputs with input_range=(0, 1).
-    assert ssim(x, y).item() == pytest.approx(
-        ssim((x + 1) / 2, (y + 1) / 2, input_range=(0, 1)).item(), abs=1e-6
-    )
+    assert ssim(x, y).item() == pytest.approx(ssim((x + 1) / 2, (y + 1) / 2, input_range=(0, 1)).item(), abs=1e-6)
     assert ssim_loss(x, x).item() == pytest.approx(0.0, abs=1e-6)
     assert ssim_loss(x, y).item() == pytest.approx(1 - ssim(x, y).item(), abs=1e-6)
 

@@ -67,9 +67,7 @@ def test_hard_shrink_hand_example():
 
 
 def test_shrink_addressing_memae_dot_product():
-    mem = MemoryModule(
-        num_slots=4, dim=2, addressing="shrink", similarity="dot", temperature=1.0, shrink_threshold=0.2
-    )
+    mem = MemoryModule(num_slots=4, dim=2, addressing="shrink", similarity="dot", temperature=1.0, shrink_threshold=0.2)
     with torch.no_grad():
         mem.memory.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]))
     z = torch.tensor([2.0, 0.5]).view(1, 2, 1, 1)

@@ -41,9 +41,7 @@ EXPECTED = {
 }
 
 
-def make_index(
-    root: Path, category: str = "widget", n_good: int = N_GOOD, types=None, n_test_good=N_TEST_GOOD
-):
+def make_index(root: Path, category: str = "widget", n_good: int = N_GOOD, types=None, n_test_good=N_TEST_GOOD):
     types = TYPES if types is None else types
     base = root / category
     train = tuple(Sample(base / "train" / "good" / f"{i:03d}.png", 0, "good") for i in range(n_good))
@@ -71,9 +69,7 @@ def test_counts_and_realised_ratio(index, ratio):
     assert (split.n_good, split.n_injected, split.n_redrawn) == (N_GOOD, d, redrawn)
     assert len(split.train) == N_GOOD + d
     assert sum(item.sample.label for item in split.train) == d
-    assert [item.sample for item in split.train[:N_GOOD]] == list(
-        index.train
-    )  # all normal images, as they are
+    assert [item.sample for item in split.train[:N_GOOD]] == list(index.train)  # all normal images, as they are
     assert all(item.redraw == 0 for item in split.train[:N_GOOD])
     assert split.realised_ratio == pytest.approx(d / (N_GOOD + d))
     assert abs(split.realised_ratio - ratio) < 0.005
@@ -86,9 +82,7 @@ def test_defect_count_is_closest_ratio():
         for ratio in (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.9):
             d = defect_count(n_good, ratio)
             best = min(range(0, 20 * n_good), key=lambda k: abs(k / (n_good + k) - ratio))
-            assert abs(d / (n_good + d) - ratio) == pytest.approx(
-                abs(best / (n_good + best) - ratio), abs=1e-12
-            )
+            assert abs(d / (n_good + d) - ratio) == pytest.approx(abs(best / (n_good + best) - ratio), abs=1e-12)
 
 
 def test_injected_come_from_defective_test_images_spread_over_types(index):
@@ -102,9 +96,7 @@ def test_injected_come_from_defective_test_images_spread_over_types(index):
         "hole": 3,
         "scratch": 3,
     }
-    split = inject_noise(
-        index, 0.13, seed=5
-    )  # d = 15: scratch (4) exhausted, 11 split 5/6 between the others
+    split = inject_noise(index, 0.13, seed=5)  # d = 15: scratch (4) exhausted, 11 split 5/6 between the others
     assert split.n_injected == 15
     by_type = Counter(item.sample.defect_type for item in split.injected)
     assert by_type["scratch"] == 4 and sorted([by_type["crack"], by_type["hole"]]) == [5, 6]
@@ -216,9 +208,7 @@ def test_manifest_is_independent_of_the_root_location(tmp_path):
     assert a.manifest_hash != inject_noise(make_index(tmp_path / "here"), 0.15, seed=0).manifest_hash
 
 
-@pytest.mark.parametrize(
-    "bad", ["../outside/000.png", "/etc/passwd", "widget/../../x.png", "C:\\data\\x.png"]
-)
+@pytest.mark.parametrize("bad", ["../outside/000.png", "/etc/passwd", "widget/../../x.png", "C:\\data\\x.png"])
 def test_manifest_path_escape_fails(index, tmp_path, bad):
     path = save_manifest(inject_noise(index, 0.05, seed=0), tmp_path / "m.json")
     data = read_json(path)
@@ -264,9 +254,7 @@ def test_other_bad_input_fails(index, tmp_path):
     with pytest.raises(TrustMAEError, match="no defective test images"):
         inject_noise(make_index(tmp_path, types={}), 0.1)
     assert inject_noise(make_index(tmp_path, types={}), 0.0).n_injected == 0
-    dirty = CategoryIndex(
-        index.root, "widget", index.train + index.test_defective[:1], index.test, False, True
-    )
+    dirty = CategoryIndex(index.root, "widget", index.train + index.test_defective[:1], index.test, False, True)
     with pytest.raises(TrustMAEError, match="already holds defective"):
         inject_noise(dirty, 0.1)
     with pytest.raises(TrustMAEError, match="not under the data root"):

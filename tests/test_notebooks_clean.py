@@ -20,9 +20,7 @@ def test_notebook_has_no_outputs(path):
         for i, c in enumerate(nb["cells"])
         if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count"))
     ]
-    assert not dirty, (
-        f"{path.name}: cells {dirty} carry outputs; strip them (jupyter nbconvert --clear-output)"
-    )
+    assert not dirty, f"{path.name}: cells {dirty} carry outputs; strip them (jupyter nbconvert --clear-output)"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

@@ -48,9 +48,7 @@ def effnet():
 @pytest.fixture
 def hub_dir(tmp_path, monkeypatch):
     """An empty torch hub cache, and no network: any connection attempt fails the test loudly."""
-    monkeypatch.setattr(
-        torch.hub, "_hub_dir", str(tmp_path)
-    )  # what torch.hub.set_dir does, undone afterwards
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))  # what torch.hub.set_dir does, undone afterwards
     monkeypatch.delenv("TRUSTMAE_ALLOW_DOWNLOAD", raising=False)
 
     def no_network(*args, **kwargs):

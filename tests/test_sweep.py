@@ -104,8 +104,14 @@ def test_unknown_key_and_method_are_named(tmp_path):
 
 
 def test_shipped_sweep_files_load():
-    for name in ("sweep_cpu", "sweep_paper", "sweep_cpu_textures", "sweep_cpu_bar", "sweep_cpu_readings",
-                 "sweep_cpu_full"):
+    for name in (
+        "sweep_cpu",
+        "sweep_paper",
+        "sweep_cpu_textures",
+        "sweep_cpu_bar",
+        "sweep_cpu_readings",
+        "sweep_cpu_full",
+    ):
         assert sweep.load_sweep(name).grid()
 
 
@@ -178,7 +184,12 @@ def test_readings_multiply_only_the_trustmae_cells(tmp_path):
     path.write_text(path.read_text().replace("readings: {trustmae: ['', inner60, nopush], trustmae_no_tr: ['']}",
                                              "readings: ['', m512]"))  # fmt: skip
     assert {(s.method, s.reading) for s in sweep.load_sweep(path).grid()} == {
-        ("ae_l2", ""), ("trustmae_no_tr", ""), ("trustmae_no_tr", "m512"), ("trustmae", ""), ("trustmae", "m512")}
+        ("ae_l2", ""),
+        ("trustmae_no_tr", ""),
+        ("trustmae_no_tr", "m512"),
+        ("trustmae", ""),
+        ("trustmae", "m512"),
+    }
 
 
 @pytest.mark.parametrize("readings", ["[inner6]", "{ae_l3: [inner60]}", "[]", "inner60"])

@@ -43,9 +43,7 @@ def test_layout_counts_and_provenance(synth):
         assert a.shape == (SMOKE.synthetic_size, SMOKE.synthetic_size, 3)
     assert len(set(synthetic.TEXTURE_DEFECTS)) >= 5 and "missing_part" in synthetic.OBJECT_DEFECTS
     info = json.loads((synth / "dataset.json").read_text())
-    assert (
-        info["fixed_orientation"] == ["widget"] and info["seed"] == 0 and info["size"] == SMOKE.synthetic_size
-    )
+    assert info["fixed_orientation"] == ["widget"] and info["seed"] == 0 and info["size"] == SMOKE.synthetic_size
     assert info["categories"] == list(synthetic.CATEGORIES) and "brick" in info["sources"]["brick"]
     assert synthetic.is_current(synth, SMOKE, 0) and not synthetic.is_current(synth, SMOKE, 1)
 

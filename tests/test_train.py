@@ -298,12 +298,16 @@ def test_the_trust_weight_reading_scales_only_l_trust_in_the_logged_total(tmp_pa
     assert a["total"] - b["total"] == pytest.approx(0.9 * a["trust"], rel=1e-4)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [({"method": "ae_l2", "reading": "inner60"}, "not ae_l2"),
-                                              ({"method": "trustmae", "reading": "inner6"}, "unknown reading")])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"method": "ae_l2", "reading": "inner60"}, "not ae_l2"),
+        ({"method": "trustmae", "reading": "inner6"}, "unknown reading"),
+    ],
+)
 def test_bad_readings_are_one_line_errors(kwargs, match):
     with pytest.raises(TrustMAEError, match=match):
         RunSpec(**kwargs)
-
 
 
 def test_channels_last_training_on_the_cpu_is_keyed_apart_and_agrees_up_to_rounding(tmp_path):

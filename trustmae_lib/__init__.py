@@ -1,2 +1,3 @@
 """TrustMAE reproduced."""
+
 __version__ = "0.1.0"

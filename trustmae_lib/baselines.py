@@ -162,9 +162,7 @@ class MemAE2D(nn.Module):
         return BaselineOutput(recon=recon, weights=mem.weights)
 
 
-def memae_loss(
-    x: Tensor, out: BaselineOutput, entropy_weight: float = 0.0002
-) -> tuple[Tensor, dict[str, float]]:
+def memae_loss(x: Tensor, out: BaselineOutput, entropy_weight: float = 0.0002) -> tuple[Tensor, dict[str, float]]:
     """MemAE's training loss: ``MSE(x, recon) + entropy_weight * mean entropy of the weights``.
 
     Args:
@@ -336,8 +334,7 @@ def random_crops(
     b = images.shape[0] if index is None else index.shape[0]
     if not 0 < crop <= min(h, w):
         raise TrustMAEError(
-            f"crop {crop} must be in [1, {min(h, w)}] for images of size {h}x{w}; "
-            "use a smaller crop or larger images"
+            f"crop {crop} must be in [1, {min(h, w)}] for images of size {h}x{w}; use a smaller crop or larger images"
         )
     top = torch.randint(0, h - crop + 1, (b,), generator=generator).to(images.device)
     left = torch.randint(0, w - crop + 1, (b,), generator=generator).to(images.device)
@@ -376,9 +373,7 @@ def sliding_window_map(
         ``(B, 1, H, W)`` anomaly map.
     """
     if images.dim() != 4:
-        raise TrustMAEError(
-            f"sliding_window_map expects (B, C, H, W) images, got shape {tuple(images.shape)}"
-        )
+        raise TrustMAEError(f"sliding_window_map expects (B, C, H, W) images, got shape {tuple(images.shape)}")
     b, c, h, w = images.shape
     stride = max(1, window // 4) if stride is None else stride
     if window > min(h, w) or stride < 1:

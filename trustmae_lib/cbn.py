@@ -57,9 +57,7 @@ class ConditionalBatchNorm2d(nn.Module):
         torch.Size([4, 8, 5, 5])
     """
 
-    def __init__(
-        self, num_features: int, num_classes: int = 1, eps: float = 1e-5, momentum: float | None = 0.1
-    ):
+    def __init__(self, num_features: int, num_classes: int = 1, eps: float = 1e-5, momentum: float | None = 0.1):
         super().__init__()
         if num_features < 1 or num_classes < 1:
             raise TrustMAEError(

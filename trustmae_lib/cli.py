@@ -104,9 +104,7 @@ def _register_data(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
         p.add_argument("--force", action="store_true", help="rebuild even if an identical dataset exists")
         if name == "synthetic":
-            p.add_argument(
-                "--categories", nargs="+", metavar="CAT", help="subset of brick grass gravel widget"
-            )
+            p.add_argument("--categories", nargs="+", metavar="CAT", help="subset of brick grass gravel widget")
         p.set_defaults(func=_data_build)
     p = inner.add_parser("info", help="list the categories of a dataset folder and their counts")
     p.add_argument("root", help="dataset root in MVTec AD layout")
@@ -216,10 +214,18 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draw and the training (default: 0)")
     p.add_argument("--backbone", default="", help="perceptual backbone override: vgg19 or efficientnet_lite0")
     p.add_argument("--steps", type=int, default=0, help="training steps override (default: the profile's)")
-    p.add_argument("--reading", default="", choices=["", *READINGS], metavar="NAME",
-                   help=f"alternative reading of an open choice (TrustMAE only): {', '.join(READINGS)}")
-    p.add_argument("--channels-last", action="store_true",
-                   help="train in the channels-last layout on the CPU too (~1.2x faster; its own run folder)")
+    p.add_argument(
+        "--reading",
+        default="",
+        choices=["", *READINGS],
+        metavar="NAME",
+        help=f"alternative reading of an open choice (TrustMAE only): {', '.join(READINGS)}",
+    )
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="train in the channels-last layout on the CPU too (~1.2x faster; its own run folder)",
+    )
     p.add_argument("--out", default="runs", help="parent folder of the run folders (default: runs)")
     p.add_argument("--resume", action="store_true", help="continue the run's checkpoint")
     p.add_argument("--evaluate", action="store_true", help="evaluate right after training (writes result.json)")

@@ -239,9 +239,7 @@ def scan_category(root: str | Path, category: str) -> CategoryIndex:
     """
     root = _check_root(root)
     if not category or Path(category).name != category or category in (".", ".."):
-        raise TrustMAEError(
-            f"category {category!r} must be a plain folder name under {root}, without '/' or '..'"
-        )
+        raise TrustMAEError(f"category {category!r} must be a plain folder name under {root}, without '/' or '..'")
     folder = root / category
     if not folder.is_dir():
         known = [d.name for d in _subdirs(root)]
@@ -310,9 +308,7 @@ def mvtec_count_mismatch(index: CategoryIndex) -> str | None:
     if want is None or tuple(index.counts) == want:
         return None
     names = ("train good", "test good", "test defective", "defect types")
-    diffs = ", ".join(
-        f"{n} {g} (expected {w})" for n, g, w in zip(names, index.counts, want, strict=True) if g != w
-    )
+    diffs = ", ".join(f"{n} {g} (expected {w})" for n, g, w in zip(names, index.counts, want, strict=True) if g != w)
     return f"{index.root / index.category}: {diffs}"
 
 
@@ -530,9 +526,7 @@ class TensorCache:
                 self._write_disk(path, *entry)
             _MEMORY[keys[i]] = entry
         if not samples:
-            return torch.zeros(0, 3, size, size, dtype=torch.uint8), torch.zeros(
-                0, 1, size, size, dtype=torch.bool
-            )
+            return torch.zeros(0, 3, size, size, dtype=torch.uint8), torch.zeros(0, 1, size, size, dtype=torch.bool)
         images = torch.stack([_MEMORY[k][0] for k in keys])
         masks = torch.stack([_MEMORY[k][1] for k in keys])
         return images, masks
@@ -741,9 +735,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.class_ids = tuple(int(c) for c in class_ids) if class_ids is not None else (0,) * n
         for name, values in (("redraw", self.redraw), ("class_ids", self.class_ids)):
             if len(values) != n:
-                raise TrustMAEError(
-                    f"ImageDataset: {name} has {len(values)} entries for {n} samples; pass one each"
-                )
+                raise TrustMAEError(f"ImageDataset: {name} has {len(values)} entries for {n} samples; pass one each")
         self.size, self.train, self.fixed_orientation, self.generator = (
             size,
             train,

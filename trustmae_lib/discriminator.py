@@ -58,8 +58,7 @@ class Discriminator(nn.Module):
         """
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise TrustMAEError(
-                f"Discriminator expects (B, {self.in_channels}, H, W), got {tuple(x.shape)}; "
-                "pass image batches"
+                f"Discriminator expects (B, {self.in_channels}, H, W), got {tuple(x.shape)}; pass image batches"
             )
         if min(x.shape[-2:]) < MIN_SIDE:
             raise TrustMAEError(

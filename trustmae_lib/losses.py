@@ -165,8 +165,7 @@ def ssim(
     _check_same_shape(x, y, "ssim")
     if x.ndim != 4:
         raise TrustMAEError(
-            f"ssim expects (B, C, H, W) images, got shape {tuple(x.shape)} -- add batch and "
-            "channel dimensions"
+            f"ssim expects (B, C, H, W) images, got shape {tuple(x.shape)} -- add batch and channel dimensions"
         )
     if window_size % 2 != 1 or window_size < 1:
         raise TrustMAEError(f"ssim window_size must be a positive odd number, got {window_size} -- use 11")
@@ -252,8 +251,7 @@ def hinge_g_loss(fake_logits: Tensor) -> Tensor:
 def _check_feature_lists(a: Sequence[Tensor], b: Sequence[Tensor], what: str) -> None:
     if len(a) != len(b) or len(a) == 0:
         raise TrustMAEError(
-            f"{what}: got {len(a)} and {len(b)} feature maps -- pass the same, non-empty list of "
-            "layers for both images"
+            f"{what}: got {len(a)} and {len(b)} feature maps -- pass the same, non-empty list of layers for both images"
         )
     for i, (fa, fb) in enumerate(zip(a, b, strict=True)):
         if fa.shape != fb.shape:
@@ -341,9 +339,7 @@ def generator_loss(
             raise TrustMAEError(f"loss term {key!r} has shape {tuple(value.shape)} -- reduce it to a scalar")
         v = float(value.detach())
         if not math.isfinite(v):
-            raise TrustMAEError(
-                f"loss term {key!r} is {v} at {where} -- lower the learning rate or check the input"
-            )
+            raise TrustMAEError(f"loss term {key!r} is {v} at {where} -- lower the learning rate or check the input")
         log[key] = v
         contribution = lam[key] * value.reshape(())
         total = contribution if total is None else total + contribution

@@ -151,13 +151,9 @@ class MemoryModule(nn.Module):
     ):
         super().__init__()
         if addressing not in ADDRESSING:
-            raise TrustMAEError(
-                f"unknown memory addressing '{addressing}'; use one of {', '.join(ADDRESSING)}"
-            )
+            raise TrustMAEError(f"unknown memory addressing '{addressing}'; use one of {', '.join(ADDRESSING)}")
         if similarity not in SIMILARITY:
-            raise TrustMAEError(
-                f"unknown memory similarity '{similarity}'; use one of {', '.join(SIMILARITY)}"
-            )
+            raise TrustMAEError(f"unknown memory similarity '{similarity}'; use one of {', '.join(SIMILARITY)}")
         if num_slots < 1 or dim < 1:
             raise TrustMAEError(f"memory needs num_slots >= 1 and dim >= 1, got {num_slots} and {dim}")
         if addressing == "topk" and not 1 <= topk <= num_slots:

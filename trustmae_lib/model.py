@@ -308,9 +308,7 @@ class TrustMAE(nn.Module):
                 "stages); resize to e.g. 64, 128 or 256"
             )
         if y is None and self.num_classes > 1:
-            raise TrustMAEError(
-                f"this model has {self.num_classes} classes; pass the class ids y (B,) to forward"
-            )
+            raise TrustMAEError(f"this model has {self.num_classes} classes; pass the class ids y (B,) to forward")
         check_class_ids(y, x.shape[0], self.num_classes)
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> TrustMAEOutput:
@@ -340,9 +338,7 @@ class TrustMAE(nn.Module):
             losses["entropy"] = entropy_loss(readout.weights)
             latent = readout.read
         recon = self.decoder(latent, y)  # (B, 3, H, W)
-        return TrustMAEOutput(
-            recon=recon, features=z, readout=readout, losses=losses, stats=stats, trusted=trusted
-        )
+        return TrustMAEOutput(recon=recon, features=z, readout=readout, losses=losses, stats=stats, trusted=trusted)
 
     def table_layers(self) -> list[tuple[str, str, nn.Module]]:
         """``(part, name, module)`` of every Table-1 row in order (used by :func:`layer_table`)."""

@@ -303,9 +303,7 @@ def inject_noise(index: CategoryIndex, ratio: float, protocol: str = "overlap", 
     d = defect_count(n_good, ratio)
     pool = tuple(index.test_defective)
     if d > 0 and not pool:
-        raise TrustMAEError(
-            f"{index.category}: no defective test images to inject at noise ratio {ratio}; use ratio 0"
-        )
+        raise TrustMAEError(f"{index.category}: no defective test images to inject at noise ratio {ratio}; use ratio 0")
     picks = _draw(pool, d, seed)
     injected = tuple(TrainItem(pool[i], k) for i, k in picks)
     n_redrawn = sum(1 for _, k in picks if k > 0)
@@ -315,9 +313,7 @@ def inject_noise(index: CategoryIndex, ratio: float, protocol: str = "overlap", 
     else:
         moved = {pool[i] for i, _ in picks}
         test = tuple(s for s in index.test if s not in moved)
-        missing = [
-            name for name, lab in (("defective", 1), ("normal", 0)) if not any(s.label == lab for s in test)
-        ]
+        missing = [name for name, lab in (("defective", 1), ("normal", 0)) if not any(s.label == lab for s in test)]
         if missing:
             raise TrustMAEError(
                 f"{index.category}: protocol 'disjoint' at noise ratio {ratio} ({d} defects, pool "
@@ -349,17 +345,9 @@ def save_manifest(split: NoisySplit, path: str | Path) -> Path:
 
 def _safe_relative(rel, manifest_path: Path) -> str:
     if not isinstance(rel, str) or not rel:
-        raise TrustMAEError(
-            f"manifest {manifest_path}: file path {rel!r} is not a string; regenerate the manifest"
-        )
+        raise TrustMAEError(f"manifest {manifest_path}: file path {rel!r} is not a string; regenerate the manifest")
     posix, windows = PurePosixPath(rel), PureWindowsPath(rel)
-    if (
-        posix.is_absolute()
-        or windows.is_absolute()
-        or windows.drive
-        or ".." in posix.parts
-        or ".." in windows.parts
-    ):
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or ".." in posix.parts or ".." in windows.parts:
         raise TrustMAEError(
             f"manifest {manifest_path}: path {rel!r} is absolute or escapes the data root; "
             "manifests must hold paths relative to the root -- regenerate it"
@@ -407,9 +395,7 @@ def load_manifest(path: str | Path, root: str | Path) -> NoisySplit:
         for entry in data["files"]:
             role = entry["role"]
             if role not in _ROLES:
-                raise TrustMAEError(
-                    f"manifest {path}: unknown role {role!r}; expected one of {', '.join(_ROLES)}"
-                )
+                raise TrustMAEError(f"manifest {path}: unknown role {role!r}; expected one of {', '.join(_ROLES)}")
             mask = entry["mask"]
             sample = Sample(
                 image=_inside_root(root, entry["image"], path),
@@ -484,8 +470,7 @@ def noise_table(
             n_good, _, pool, _ = value
         else:
             raise TrustMAEError(
-                f"noise_table: counts for {category!r} must be (n_train_good, n_test_defective), "
-                f"got {value!r}"
+                f"noise_table: counts for {category!r} must be (n_train_good, n_test_defective), got {value!r}"
             )
         for ratio in ratios:
             d = defect_count(int(n_good), ratio)

@@ -95,13 +95,9 @@ def paper_mean(method: str, noise: float) -> float:
         names = table["method"] if method in set(table["method"]) else table.get("our_method")
         if names is None or method not in set(names):
             continue
-        row = table[
-            (names == method) & np.isclose(table["noise"], float(noise)) & (table["category"] == "mean")
-        ]
+        row = table[(names == method) & np.isclose(table["noise"], float(noise)) & (table["category"] == "mean")]
         if len(row) != 1:
-            raise TrustMAEError(
-                f"no paper mean for {method!r} at noise {noise}; use a fraction in {list(PAPER_NOISE)}"
-            )
+            raise TrustMAEError(f"no paper mean for {method!r} at noise {noise}; use a fraction in {list(PAPER_NOISE)}")
         return float(row["auc"].iloc[0])
     known = sorted({*tables[0]["method"], *tables[1]["method"], *tables[1]["our_method"]})
     raise TrustMAEError(f"unknown paper method {method!r}; use one of {', '.join(known)}")

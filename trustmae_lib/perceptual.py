@@ -258,9 +258,7 @@ def _read_vgg19_state_dict(weights) -> tuple[dict[str, Tensor], str]:
                 weights_only=True,
             )
         except Exception as err:  # any failure becomes one user-facing line
-            raise TrustMAEError(
-                f"downloading VGG-19 weights failed ({type(err).__name__}: {err}) -- {hint}"
-            ) from err
+            raise TrustMAEError(f"downloading VGG-19 weights failed ({type(err).__name__}: {err}) -- {hint}") from err
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:

@@ -352,4 +352,3 @@ def forget(config: SweepConfig) -> int:
             shutil.rmtree(run)
         count += hit
     return count
-

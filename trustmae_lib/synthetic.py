@@ -105,9 +105,7 @@ def render_texture(category: str, rng: np.random.Generator, size: int) -> np.nda
         patch = patch[:, ::-1]
     if category != "brick" and rng.random() < 0.5:  # the courses of the bricks keep their direction
         patch = patch[::-1]
-    img = Image.fromarray(np.ascontiguousarray(patch), mode="F").resize(
-        (size, size), Image.Resampling.BILINEAR
-    )
+    img = Image.fromarray(np.ascontiguousarray(patch), mode="F").resize((size, size), Image.Resampling.BILINEAR)
     g = np.asarray(img, dtype=np.float32)
     mean = float(photo.mean())
     contrast = rng.uniform(0.88, 1.12)
@@ -220,9 +218,7 @@ def _blob(rng: np.random.Generator, size: int, centre, radius: float, wobble: fl
     return np.hypot(dy, dx) / (radius * rr)
 
 
-def _place(
-    rng: np.random.Generator, category: str, size: int, p: dict | None, margin: float
-) -> tuple[float, float]:
+def _place(rng: np.random.Generator, category: str, size: int, p: dict | None, margin: float) -> tuple[float, float]:
     """A defect centre: anywhere on a texture (with a margin); on the plate of the object."""
     if p is None:
         return tuple(rng.uniform(margin * size, (1 - margin) * size, 2))
@@ -307,9 +303,7 @@ def paint_defect(
         ``(defective (H, W, 3) uint8, mask (H, W) bool)``.
     """
     if kind == "missing_part" and params is None:
-        raise TrustMAEError(
-            "missing_part needs the object's drawing parameters; use it on the widget category"
-        )
+        raise TrustMAEError("missing_part needs the object's drawing parameters; use it on the widget category")
     for _ in range(20):  # a footprint may (rarely) come out empty; draw again
         foot, painted = _paint(kind, clean, rng, category, params)
         if foot.sum() >= 4:
@@ -356,9 +350,7 @@ def _check_categories(categories: Sequence[str] | None) -> list[str]:
     cats = list(CATEGORIES if categories is None else categories)
     unknown = [c for c in cats if c not in CATEGORIES]
     if unknown or not cats:
-        raise TrustMAEError(
-            f"unknown synthetic categories {unknown or cats}; choose from {', '.join(CATEGORIES)}"
-        )
+        raise TrustMAEError(f"unknown synthetic categories {unknown or cats}; choose from {', '.join(CATEGORIES)}")
     return sorted(set(cats), key=CATEGORIES.index)
 
 
@@ -370,9 +362,7 @@ def is_current(root: str | Path, profile, seed: int = 0, categories: Sequence[st
     )
 
 
-def generate_synthetic(
-    out: str | Path, profile, seed: int = 0, categories: Sequence[str] | None = None
-) -> Path:
+def generate_synthetic(out: str | Path, profile, seed: int = 0, categories: Sequence[str] | None = None) -> Path:
     """Write the synthetic dataset in MVTec AD layout (atomically: a temporary folder renamed onto ``out``).
 
     Per category: ``profile.synthetic_train`` normal training images, ``synthetic_test_good`` normal test

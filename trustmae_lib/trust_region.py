@@ -178,9 +178,7 @@ class TrustRegion(nn.Module):
                 f"{inner_quantile} and {outer_quantile}; e.g. 0.8 and 0.98"
             )
         if fixed_radii is not None and not 0.0 <= fixed_radii[0] <= fixed_radii[1]:
-            raise TrustMAEError(
-                f"fixed_radii must be (delta1, delta2) with 0 <= delta1 <= delta2, got {fixed_radii}"
-            )
+            raise TrustMAEError(f"fixed_radii must be (delta1, delta2) with 0 <= delta1 <= delta2, got {fixed_radii}")
         if pull not in PULL:
             raise TrustMAEError(f"unknown pull '{pull}'; use one of {', '.join(PULL)}")
         if history < 1 or sketch_size < 2 or not 1 <= min_history <= history:
@@ -200,12 +198,7 @@ class TrustRegion(nn.Module):
         """Evenly spaced quantiles of one batch's distances, pooled over ranks: ``(N,) -> (S,)``."""
         levels = torch.linspace(0, 1, self.distance_history.shape[1], device=distances.device)
         sketch = torch.quantile(distances.float(), levels)
-        if (
-            self.sync_distributed
-            and dist.is_available()
-            and dist.is_initialized()
-            and dist.get_world_size() > 1
-        ):
+        if self.sync_distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered = [torch.empty_like(sketch) for _ in range(dist.get_world_size())]
             dist.all_gather(gathered, sketch)
             sketch = torch.quantile(torch.cat(gathered), levels)

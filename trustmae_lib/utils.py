@@ -47,9 +47,7 @@ def describe_device(device: torch.device | str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def setup(
-    seed: int = 0, device: str | None = None, deterministic: bool = True, figures: bool = True
-) -> RunContext:
+def setup(seed: int = 0, device: str | None = None, deterministic: bool = True, figures: bool = True) -> RunContext:
     """Seed everything, make CPU kernels deterministic, set the figure style, pick the device.
 
     Returns a :class:`RunContext`; print ``ctx.summary()`` for the one-line header of a chapter.

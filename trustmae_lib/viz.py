@@ -57,9 +57,7 @@ def image_grid(
     return fig
 
 
-def anomaly_rows(
-    images, masks, recons, anomaly_maps, titles: Sequence[str] | None = None, size: float = 1.8
-) -> Figure:
+def anomaly_rows(images, masks, recons, anomaly_maps, titles: Sequence[str] | None = None, size: float = 1.8) -> Figure:
     """The standard anomaly figure: per row input, ground-truth mask, reconstruction, anomaly map overlay.
 
     Args:
