@@ -224,7 +224,7 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--channels-last",
         action="store_true",
-        help="train in the channels-last layout on the CPU too (~1.2x faster; its own run folder)",
+        help="train in the channels-last layout on the CPU too (~1.15x faster; its own run folder)",
     )
     p.add_argument("--out", default="runs", help="parent folder of the run folders (default: runs)")
     p.add_argument("--resume", action="store_true", help="continue the run's checkpoint")

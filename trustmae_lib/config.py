@@ -182,7 +182,7 @@ class RunSpec:
     steps: int = 0  # 0 -> the profile's steps
     reading: str = ""  # "" -> the library's reading; else a key of READINGS (TrustMAE methods only)
     # Engineering, not method: train in the channels-last memory layout on the CPU too (always on for CUDA).
-    # About 1.2x faster per step at the cpu profile (benchmarks/bench_train.py); the weights differ from the
+    # About 1.15x faster at the cpu profile (bench_train's step, sweep_time's cells); the weights differ from the
     # default NCHW run by float rounding, so such a run is keyed apart (own hash, run name suffix "-cl").
     channels_last: bool = False
 

@@ -98,13 +98,17 @@ class SweepConfig:
         return tuple(self.readings)
 
     @property
+    def _folder(self) -> str:
+        """The default folder name under ``results/`` and ``runs/``; a channels-last sweep is kept apart."""
+        return f"{self.profile}-cl" if self.channels_last else self.profile
+
+    @property
     def results_dir(self) -> Path:
-        """``results`` or ``results/<profile>`` (``results/<profile>-cl`` for a channels-last sweep, kept apart)."""
-        return _resolve(self.results or f"results/{self.profile}{'-cl' if self.channels_last else ''}")
+        return _resolve(self.results or f"results/{self._folder}")
 
     @property
     def runs_dir(self) -> Path:
-        return _resolve(self.runs or f"runs/{self.profile}{'-cl' if self.channels_last else ''}")
+        return _resolve(self.runs or f"runs/{self._folder}")
 
 
 def _resolve(path: str) -> Path:
