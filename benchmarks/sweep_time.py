@@ -147,7 +147,8 @@ def main(argv=None) -> int:
     totals = {arm: round(sum(r["wall_s"] for r in rows if r["arm"] == arm), 1) for arm in args.arms}
     cells = {"dataset": args.dataset, "category": args.category, "noise_ratio": float(args.noise_ratio),
              "seed": args.seed, "profile": args.profile, "jobs": args.jobs, "threads_per_cell": 1}  # fmt: skip
-    refs = {"before": args.before_ref, "after": _head(), "after-cl": _head()}
+    head = _head()
+    refs = {"before": args.before_ref, "after": head, "after-cl": head}
     payload = {"args": vars(args), "cells": cells, "refs": {a: refs[a] for a in args.arms}, "results": rows,
                "total_wall_s": totals}  # fmt: skip
     common.write_result(args.out, "sweep_time", machine, payload)
