@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-from trustmae_lib.data import augment  # noqa: E402
+from trustmae_lib.data.augment import augment  # noqa: E402
 
 
 def _dihedral_before(image, mask, hflip: bool, vflip: bool, quarter_turns: int):
@@ -109,8 +109,8 @@ def measure_augment(size: int, batch: int, repeats: int) -> dict:
 
 def measure_crop_first(size: int, crop: int, batch: int, repeats: int) -> dict:
     """The texture baselines' batch draw: augment then crop (before) vs ``train.training_batch`` (after)."""
-    from trustmae_lib.baselines import random_crops
-    from trustmae_lib.train import training_batch
+    from trustmae_lib.engine.prepare import training_batch
+    from trustmae_lib.model.baselines import random_crops
 
     gen = torch.Generator().manual_seed(0)
     pool = torch.rand(4 * batch, 3, size, size, generator=gen) * 2 - 1

@@ -1,10 +1,10 @@
 """Memory-module benchmark: time and memory of the addressing as the slots ``M`` and the locations ``N`` grow.
 
 For every ``M`` in ``--slots`` and every ``N = B * h * w`` in ``--locations`` (``B = 8``, square ``h = w``) one
-forward and backward pass of the memory layer as TrustMAE uses it: :class:`~trustmae_lib.memory.MemoryModule`
+forward and backward pass of the memory layer as TrustMAE uses it: :class:`~trustmae_lib.model.memory.MemoryModule`
 (cosine similarity, top-k addressing, read-out) with a trust mask (untrusted locations read the detached slots,
-:func:`~trustmae_lib.trust_region.read_with_trust`) plus the entropy term, and separately the trust region
-(:class:`~trustmae_lib.trust_region.TrustRegion`: nearest slot, radii from the distance history, ``L_trust``).
+:func:`~trustmae_lib.model.trust_region.read_with_trust`) plus the entropy term, and separately the trust region
+(:class:`~trustmae_lib.model.trust_region.TrustRegion`: nearest slot, radii from the distance history, ``L_trust``).
 
 Reported per point: median ms (forward + backward), FLOPs (``FlopCounterMode``), MiB of tensors saved for the
 backward pass (counted exactly with ``torch.autograd.graph.saved_tensors_hooks``, each storage once), and the
@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-from trustmae_lib.memory import MemoryModule, entropy_loss  # noqa: E402
-from trustmae_lib.trust_region import TrustRegion  # noqa: E402
+from trustmae_lib.model.memory import MemoryModule, entropy_loss  # noqa: E402
+from trustmae_lib.model.trust_region import TrustRegion  # noqa: E402
 
 BATCH = 8
 

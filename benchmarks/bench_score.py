@@ -1,10 +1,11 @@
-"""Scoring benchmark: anomaly maps per second with :func:`trustmae_lib.evaluate.score`, against the matmul limit.
+"""Scoring benchmark: anomaly maps per second with :func:`trustmae_lib.engine.evaluate.score`, against matmul limit.
 
 Each configuration scores ``--images`` random images with untrained networks built like a trained run
-(:func:`~trustmae_lib.train.build_models`; weights do not change time or FLOPs) wrapped in a
-:class:`~trustmae_lib.train.TrainedRun`: TrustMAE with the spatial perceptual distance (``perceptual``, the paper's
-scoring) and the pixel distance (``pixel``, *w/o PD*), MemAE with its residual map, and AE-L2 / AE-SSIM on a
-texture (sliding windows over the 4x texture image, supplement §B) and on an object (one window).
+(:func:`~trustmae_lib.engine.methods.build_models`; weights do not change time or FLOPs) wrapped in a
+:class:`~trustmae_lib.engine.runs.TrainedRun`: TrustMAE with the spatial perceptual distance
+(``perceptual``, the paper's scoring) and the pixel distance (``pixel``, *w/o PD*), MemAE with its residual map,
+and AE-L2 / AE-SSIM on a texture (sliding windows over the 4x texture image, supplement §B) and on an object
+(one window).
 
 Layouts: ``nchw`` runs ``score(..., channels_last=False)`` on NCHW networks and images (the library before the
 channels-last change); ``channels_last`` runs the library's default ``channels_last=True``.
@@ -33,11 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from bench_train import signature  # noqa: E402
 
-from trustmae_lib import train as T  # noqa: E402
-from trustmae_lib.config import RunSpec, load_profile  # noqa: E402
+from trustmae_lib.config import (  # noqa: E402
+    RunSpec,
+    is_trustmae,  # noqa: E402
+    load_profile,
+)
+from trustmae_lib.engine import methods, runs  # noqa: E402
+from trustmae_lib.engine.evaluate import score  # noqa: E402
 from trustmae_lib.errors import TrustMAEError  # noqa: E402
-from trustmae_lib.evaluate import score  # noqa: E402
-from trustmae_lib.perceptual import build_backbone  # noqa: E402
+from trustmae_lib.model.perceptual import build_backbone  # noqa: E402
 from trustmae_lib.utils import seed_everything  # noqa: E402
 
 #: (method, variant, category): category ``brick`` is a texture, ``widget`` an object.
@@ -54,14 +59,14 @@ LAYOUTS = ("nchw", "channels_last")
 
 
 def untrained_run(method: str, category: str, profile, device, channels_last: bool):
-    """A :class:`~trustmae_lib.train.TrainedRun` with freshly initialised networks (for timing only)."""
+    """A :class:`~trustmae_lib.engine.runs.TrainedRun` with freshly initialised networks (for timing only)."""
     spec = RunSpec(category=category, method=method, profile=profile.name)
     seed_everything(0)
-    models = T.build_models(spec, profile)
+    models = methods.build_models(spec, profile)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for m in models.values():
         m.to(device, memory_format=fmt).eval()
-    run = T.TrainedRun(
+    run = runs.TrainedRun(
         run_dir=Path("untrained"),
         spec=spec,
         profile=profile,
@@ -72,7 +77,7 @@ def untrained_run(method: str, category: str, profile, device, channels_last: bo
         meta={},
     )
     weights = None
-    if method.startswith("trustmae"):
+    if is_trustmae(method):
         pretrained = profile.backbone != "vgg19" or common.vgg19_available()
         backbone = build_backbone(profile.backbone, pretrained=pretrained).to(device, memory_format=fmt)
         run._backbone = backbone  # the cache that evaluate.score fills on first use
@@ -85,7 +90,7 @@ def windows_per_image(run) -> int:
     size, window = run.score_size, run.input_size
     if size <= window:
         return 1
-    from trustmae_lib.baselines import get_baseline
+    from trustmae_lib.model.baselines import get_baseline
 
     stride = get_baseline(run.method).texture_stride(run.profile)
     return ((size - window) // stride + 1) ** 2 + (size // window) ** 2

@@ -1,14 +1,15 @@
 """Training-step benchmark: one full step of TrustMAE and of each baseline, against the matmul limit.
 
-A TrustMAE step is the library's own :meth:`trustmae_lib.train._TrustMAEMethod.step` -- the discriminator step
-(Eq. 13) and the generator step on every term of Eq. 9 (L1, SSIM, perceptual, hinge GAN, feature matching,
-margin, trust), with both Adam updates. A baseline step is :meth:`trustmae_lib.train._BaselineMethod.step`
-(supplement §B). The networks, optimisers and the memory initialisation are built the way
-:func:`trustmae_lib.train.fit` builds them (:func:`~trustmae_lib.train.build_models`, the method classes,
-:func:`~trustmae_lib.train.init_memory_from_features`), and every step first draws its batch the way the training
-loop does (:func:`~trustmae_lib.train.batch_indices` on the in-memory training tensors, then
-:func:`~trustmae_lib.train.training_batch`: flips / quarter turns, and for textures in the AE baselines a random
-window cut first).
+A TrustMAE step is the library's own :meth:`trustmae_lib.engine.methods.TrustMAEMethod.step` -- the
+discriminator step (Eq. 13) and the generator step on every term of Eq. 9 (L1, SSIM, perceptual, hinge GAN, feature
+matching, margin, trust), with both Adam updates. A baseline step is
+:meth:`trustmae_lib.engine.methods.BaselineMethod.step` (supplement §B). The networks, optimisers and the memory
+initialisation are built the way :func:`trustmae_lib.engine.train.fit` builds them
+(:func:`~trustmae_lib.engine.methods.build_models`, the method classes,
+:func:`~trustmae_lib.engine.methods.init_memory_from_features`), and every step first draws its batch the way the
+training loop does (:func:`~trustmae_lib.engine.prepare.batch_indices` on the in-memory training tensors, then
+:func:`~trustmae_lib.engine.prepare.training_batch`: flips / quarter turns, and for textures in the AE baselines a
+random window cut first).
 
 Reported per (profile, method, memory layout): median ms per step and per data draw, the data share of the step,
 images/s, FLOPs per step (``FlopCounterMode``), achieved GFLOP/s and its ratio to the float32 matmul throughput
@@ -42,8 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-from trustmae_lib import train as T  # noqa: E402
-from trustmae_lib.config import RunSpec, load_profile  # noqa: E402
+from trustmae_lib.config import (  # noqa: E402
+    RunSpec,
+    is_trustmae,  # noqa: E402
+    load_profile,
+)
+from trustmae_lib.engine import methods, prepare  # noqa: E402
 from trustmae_lib.errors import TrustMAEError  # noqa: E402
 from trustmae_lib.utils import seed_everything  # noqa: E402
 
@@ -52,7 +57,7 @@ LAYOUTS = ("nchw", "channels_last")
 
 
 class StepBench:
-    """One method's training step, built like :func:`trustmae_lib.train.fit` builds it.
+    """One method's training step, built like :func:`trustmae_lib.engine.train.fit` builds it.
 
     Args:
         method: ``trustmae`` or a baseline name.
@@ -69,24 +74,24 @@ class StepBench:
         spec = RunSpec(category=category, method=method, profile=profile.name, seed=seed)
         seed_everything(seed)
         with common.patched_backbone(common.vgg19_available()) as used:
-            models = T.build_models(spec, profile)
+            models = methods.build_models(spec, profile)
             for m in models.values():
                 m.to(device)
                 if channels_last:
                     m.to(memory_format=torch.channels_last)
-            self.texture = T.is_texture(category)
-            self.size, self.crop = T._train_size(method, profile, self.texture)
+            self.texture = prepare.is_texture(category)
+            self.size, self.crop = prepare.train_size(method, profile, self.texture)
             self.batch = profile.batch_size
             self.n = 4 * self.batch  # training tensors in memory; a step gathers `batch` of them
             gen = torch.Generator().manual_seed(seed)
             self.images = (torch.rand(self.n, 3, self.size, self.size, generator=gen) * 2 - 1).to(device)
             self.masks = torch.zeros(self.n, 1, self.size, self.size, device=device)
-            if method.startswith("trustmae") and profile.memory_init == "features":
-                first = self.images[T.batch_indices(0, self.n, self.batch, seed).to(device)]
+            if is_trustmae(method) and profile.memory_init == "features":
+                first = self.images[prepare.batch_indices(0, self.n, self.batch, seed).to(device)]
                 if channels_last:
                     first = first.contiguous(memory_format=torch.channels_last)
-                T.init_memory_from_features(models["model"], first, seed=seed)
-            cls = T._TrustMAEMethod if method.startswith("trustmae") else T._BaselineMethod
+                methods.init_memory_from_features(models["model"], first, seed=seed)
+            cls = methods.TrustMAEMethod if is_trustmae(method) else methods.BaselineMethod
             self.method = cls(spec, profile, models, dict(models), device, amp, None)
         self.backbone_weights = used.get("weights")
         self.models = models
@@ -101,9 +106,9 @@ class StepBench:
 
     def data(self, step: int) -> torch.Tensor:
         """The batch of ``step``, drawn as in the training loop: ``(B, 3, S, S)``."""
-        idx = T.batch_indices(step, self.n, self.batch, self.seed).to(self.device)
-        gen = torch.Generator().manual_seed(T._mix(self.seed, step, 0))
-        x = T.training_batch(self.images, self.masks, idx, self.crop, False, gen)
+        idx = prepare.batch_indices(step, self.n, self.batch, self.seed).to(self.device)
+        gen = torch.Generator().manual_seed(prepare.mix_seed(self.seed, step, 0))
+        x = prepare.training_batch(self.images, self.masks, idx, self.crop, False, gen)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x

@@ -35,6 +35,7 @@ if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
 from trustmae_lib import __version__  # noqa: E402
 from trustmae_lib.errors import TrustMAEError  # noqa: E402
 from trustmae_lib.io import write_json  # noqa: E402
+from trustmae_lib.utils import cpu_model  # noqa: E402
 
 SCHEMA_VERSION = 1
 
@@ -64,17 +65,6 @@ GPU_BF16_PEAK_TFLOPS = {
 # --------------------------------------------------------------------------------------------------------------
 # Machine and arguments
 # --------------------------------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    """The CPU's model name from ``/proc/cpuinfo`` (falls back to :func:`platform.processor`)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_average() -> list[float] | None:
@@ -357,7 +347,7 @@ def patched_backbone(pretrained_vgg: bool):
     The VGG-19 checkpoint is not available offline; its weights do not change the time or FLOPs of a step.
     Yields a dict that receives ``"weights"`` (what was used).
     """
-    import trustmae_lib.perceptual as perceptual
+    import trustmae_lib.model.perceptual as perceptual
 
     original = perceptual.build_backbone
     used: dict = {}
@@ -377,13 +367,30 @@ def patched_backbone(pretrained_vgg: bool):
 
 
 def vgg19_available() -> bool:
-    from trustmae_lib.perceptual import vgg19_cache_path
+    from trustmae_lib.model.perceptual import vgg19_cache_path
 
     return os.path.isfile(vgg19_cache_path())
 
 
+def portable(value):
+    """An argument as it may be committed: absolute paths inside the repository made relative, others reduced to
+    their file name (a result file names no folder of the machine that wrote it)."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        path = Path(value).resolve()
+        return path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else path.name
+    return value
+
+
 def write_result(path: str | Path, kind: str, machine: dict, payload: dict) -> Path:
-    """Write ``{"schema", "kind", "machine", **payload}`` atomically; the load average is taken again at the end."""
+    """Write ``{"schema", "kind", "machine", **payload}`` atomically; the load average is taken again at the end.
+
+    Arguments (``payload["args"]``) are written through :func:`portable`: no machine path reaches the file.
+    """
+    payload = {**payload, "args": portable(payload["args"])} if "args" in payload else payload
     machine = dict(machine)
     machine["load_average_end"] = load_average()
     machine["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,7 +1,7 @@
 """Where a TrustMAE training step spends its time: the PyTorch profiler over one step, by operator and by layer.
 
-The step is the one :mod:`bench_train` times (:meth:`trustmae_lib.train._TrustMAEMethod.step`, built like
-:func:`trustmae_lib.train.fit` builds it). One profiled step after warm-up gives:
+The step is the one :mod:`bench_train` times (:meth:`trustmae_lib.engine.methods.TrustMAEMethod.step`, built like
+:func:`trustmae_lib.engine.train.fit` builds it). One profiled step after warm-up gives:
 
 * **categories** -- the self time of every operator, grouped into convolution forward / backward, matrix
   multiply, normalisation, element-wise work, the Adam updates (everything inside ``Optimizer.step``) and

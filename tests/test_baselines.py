@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trustmae_lib.baselines import (
+from trustmae_lib.config import load_profile
+from trustmae_lib.errors import TrustMAEError
+from trustmae_lib.model.baselines import (
     BASELINES,
     BaselineOutput,
     BergmannAE,
@@ -23,8 +25,6 @@ from trustmae_lib.baselines import (
     sliding_window_map,
     ssim_residual_map,
 )
-from trustmae_lib.config import load_profile
-from trustmae_lib.errors import TrustMAEError
 
 
 def _smooth_images(b: int, size: int, seed: int = 0) -> torch.Tensor:

@@ -66,6 +66,15 @@ def test_count_flops_matches_flop_counter_mode_and_works_in_inference_mode():
         assert common.count_flops(lambda: net(x)) == fwd.get_total_flops()
 
 
+def test_result_files_name_no_machine_path(tmp_path):
+    common = _load("common")
+    inside, outside = str(ROOT / "results" / "bench" / "x.json"), str(tmp_path / "elsewhere" / "y.json")
+    args = {"out": inside, "runs": [outside, "relative/z"], "threads": 1}
+    assert common.portable(args) == {"out": "results/bench/x.json", "runs": ["y.json", "relative/z"], "threads": 1}
+    path = common.write_result(tmp_path / "r.json", "demo", {}, {"args": args, "results": []})
+    assert str(tmp_path) not in path.read_text() and str(ROOT) not in path.read_text()
+
+
 def test_bench_train_schema(tmp_path, keep_threads):
     out = tmp_path / "train.json"
     args = ["--profiles", "smoke", "--methods", "trustmae", "memae", "--out", str(out)]

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trustmae_lib.cbn import ConditionalBatchNorm2d
 from trustmae_lib.errors import TrustMAEError
+from trustmae_lib.model.cbn import ConditionalBatchNorm2d
 
 
 def _pair(momentum=0.1):

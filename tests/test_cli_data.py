@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from trustmae_lib.cli import COMMANDS, main
-from trustmae_lib.data import scan_category
+from trustmae_lib.data.mvtec import scan_category
 
 
 def test_data_synthetic_writes_a_dataset_and_is_idempotent(tmp_path, capsys):

@@ -10,22 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from trustmae_lib import data
 from trustmae_lib.config import load_profile
-from trustmae_lib.data import (
-    ImageDataset,
-    TensorCache,
-    augment,
-    ensure_dataset,
-    list_categories,
-    load_tensors,
-    read_image,
-    read_mask,
-    redraw_augment,
-    scan_category,
-    to_tensor,
-)
+from trustmae_lib.data import embedded, tensors
+from trustmae_lib.data import mvtec as data
+from trustmae_lib.data.augment import augment, redraw_augment
+from trustmae_lib.data.embedded import ensure_dataset
+from trustmae_lib.data.mvtec import list_categories, read_image, read_mask, scan_category, to_tensor
+from trustmae_lib.data.tensors import TensorCache, load_tensors
 from trustmae_lib.errors import TrustMAEError
+from trustmae_lib.io import atomic_directory
 
 
 @pytest.fixture(autouse=True)
@@ -224,7 +217,7 @@ def test_load_tensors_images_and_masks_agree(mvtec_tree):
 
 def test_cache_decodes_once_and_returns_identical_tensors(mvtec_tree):
     idx = scan_category(mvtec_tree, "grid")
-    cache_dir = data.cache_dir_for(mvtec_tree)
+    cache_dir = tensors.cache_dir_for(mvtec_tree)
     first = TensorCache(cache_dir)
     a = first.get(idx.test, 32)
     assert first.decoded == len(idx.test)
@@ -305,25 +298,20 @@ def test_redraw_augment(fixed):
         redraw_augment(image, mask, -1, fixed)
 
 
-def test_image_dataset_items(mvtec_tree):
+def test_redraw_then_augment_keeps_defects_on_their_masks(mvtec_tree):
     idx = scan_category(mvtec_tree, "bottle")
     samples = list(idx.train) + list(idx.test_defective)
     redraw = [0] * len(idx.train) + [0, 1, 2]
-    ds = ImageDataset(samples, 32, train=True, redraw=redraw, generator=torch.Generator().manual_seed(0))
-    assert len(ds) == 7
-    item = ds[5]
-    assert set(item) >= {"image", "mask", "label", "index"}
-    assert item["image"].shape == (3, 32, 32) and item["mask"].shape == (1, 32, 32)
-    assert item["label"] == 1 and item["index"] == 5 and item["class_id"] == 0
-    # The defect stays exactly where the mask is after re-draw + training augmentation.
-    torch.testing.assert_close((item["image"] == 1.0).all(0, keepdim=True).float(), item["mask"])
-    plain = ImageDataset(samples, 32)
     images, masks = load_tensors(samples, 32)
-    assert torch.equal(plain[4]["image"], images[4]) and torch.equal(plain[4]["mask"], masks[4])
-    batch = next(iter(torch.utils.data.DataLoader(plain, batch_size=4)))
-    assert batch["image"].shape == (4, 3, 32, 32) and batch["label"].tolist() == [0, 0, 0, 0]
-    with pytest.raises(TrustMAEError):
-        ImageDataset(samples, 32, redraw=[0])
+    gen = torch.Generator().manual_seed(0)
+    for i, r in enumerate(redraw):
+        image, mask = images[i], masks[i]
+        if r:
+            image, mask = redraw_augment(image, mask, r, fixed_orientation=False)
+        batch, batch_masks = augment(image[None], mask[None], False, gen)
+        assert batch.shape == (1, 3, 32, 32) and batch_masks.shape == (1, 1, 32, 32)
+        # The defect stays exactly where the mask is after re-draw + training augmentation.
+        torch.testing.assert_close((batch[0] == 1.0).all(0, keepdim=True).float(), batch_masks[0])
 
 
 # --------------------------------------------------------------------------------------------------- locator
@@ -333,7 +321,7 @@ def test_ensure_dataset_builds_once_and_accepts_folders(tmp_path, monkeypatch, m
     monkeypatch.setenv("TRUSTMAE_DATA", str(tmp_path / "store"))
     profile = load_profile("smoke", synthetic_train=3, synthetic_test_good=2, synthetic_test_defect=5)
     root = ensure_dataset("synthetic", profile)
-    assert root == tmp_path / "store" / "smoke" / "synthetic" == data.dataset_root("synthetic", profile)
+    assert root == tmp_path / "store" / "smoke" / "synthetic" == embedded.dataset_root("synthetic", profile)
     stamp = (root / "dataset.json").stat().st_mtime_ns
     assert ensure_dataset("synthetic", profile) == root
     assert (root / "dataset.json").stat().st_mtime_ns == stamp  # not rebuilt
@@ -348,9 +336,9 @@ def test_atomic_directory_refuses_foreign_folders_and_cleans_up(tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("x")
-    assert str(foreign) in _error(lambda: data.atomic_directory(foreign).__enter__())
+    assert str(foreign) in _error(lambda: atomic_directory(foreign).__enter__())
     target = tmp_path / "new"
-    with pytest.raises(RuntimeError), data.atomic_directory(target) as tmp:
+    with pytest.raises(RuntimeError), atomic_directory(target) as tmp:
         (tmp / "half.txt").write_text("half")
         raise RuntimeError("boom")
     assert not target.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]

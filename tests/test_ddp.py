@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from trustmae_lib.config import RunSpec, load_profile
-from trustmae_lib.data import ensure_dataset
-from trustmae_lib.train import load_trained, run_dir_for
+from trustmae_lib.data.embedded import ensure_dataset
+from trustmae_lib.engine.runs import load_trained, run_dir_for
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
@@ -21,7 +21,7 @@ WORKER = textwrap.dedent(
     """
     import os, sys, torch
     from trustmae_lib.config import RunSpec
-    from trustmae_lib.train import fit
+    from trustmae_lib.engine.train import fit
 
     out = sys.argv[1]
     result = fit(RunSpec(method="trustmae", steps=3), out, progress=False)

@@ -12,11 +12,13 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from trustmae_lib import evaluate as ev
 from trustmae_lib.config import RunSpec, load_profile
-from trustmae_lib.data import load_tensors, scan_category
+from trustmae_lib.data.mvtec import scan_category
+from trustmae_lib.data.tensors import load_tensors
+from trustmae_lib.engine import evaluate as ev
+from trustmae_lib.engine.runs import load_trained
+from trustmae_lib.engine.train import load_or_train
 from trustmae_lib.errors import TrustMAEError
-from trustmae_lib.train import load_or_train, load_trained
 
 pytestmark = pytest.mark.usefixtures("isolated_data")
 
@@ -44,7 +46,7 @@ def _stub(clean=None, size=64):
 
 
 def _brick_images(n=2, size=64):
-    from trustmae_lib.data import ensure_dataset
+    from trustmae_lib.data.embedded import ensure_dataset
 
     index = scan_category(ensure_dataset("synthetic", load_profile("smoke")), "brick")
     images, _ = load_tensors(index.train[:n], size)

@@ -1,4 +1,4 @@
-"""Tests for trustmae_lib.losses (supplement Eq. 9-15)."""
+"""Tests for trustmae_lib.model.losses (supplement Eq. 9-15)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from skimage.filters import gaussian
 from skimage.metrics import structural_similarity
 from skimage.transform import resize
 
+from trustmae_lib.config import LossWeights
 from trustmae_lib.errors import TrustMAEError
-from trustmae_lib.losses import (
+from trustmae_lib.model.losses import (
     LOSS_TERMS,
-    LossWeights,
     feature_matching_loss,
     generator_loss,
     hinge_d_loss,
@@ -25,7 +25,7 @@ from trustmae_lib.losses import (
     ssim,
     ssim_loss,
 )
-from trustmae_lib.perceptual import LAYER_WEIGHTS
+from trustmae_lib.model.perceptual import LAYER_WEIGHTS
 
 
 def sk_ssim(a: torch.Tensor, b: torch.Tensor, full: bool = False):

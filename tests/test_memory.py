@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from trustmae_lib.errors import TrustMAEError
-from trustmae_lib.memory import MemoryModule, entropy_loss, hard_shrink
+from trustmae_lib.model.memory import MemoryModule, entropy_loss, hard_shrink
 
 
 def _naive_topk_read(z, memory, k, temperature):

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from trustmae_lib.config import load_profile
-from trustmae_lib.discriminator import Discriminator
 from trustmae_lib.errors import TrustMAEError
-from trustmae_lib.memory import MemoryReadout
-from trustmae_lib.model import TrustMAE, layer_table, scale_channels
+from trustmae_lib.model.discriminator import Discriminator
+from trustmae_lib.model.memory import MemoryReadout
+from trustmae_lib.model.trustmae import TrustMAE, layer_table, scale_channels
 
 # Supplement Table 1 at h = w = 256: (layer, kernel, stride, padding, norm, activation, (h, w, c)).
 TABLE_1 = [

@@ -1,4 +1,4 @@
-"""Tests for the noise protocol (trustmae_lib.noise) on a fake category index (no image files needed)."""
+"""Tests for the noise protocol (trustmae_lib.data.noise) on a fake category index (no image files needed)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trustmae_lib import noise
-from trustmae_lib.data import CategoryIndex, Sample, scan_category
-from trustmae_lib.errors import TrustMAEError
-from trustmae_lib.io import read_json, write_json
-from trustmae_lib.noise import (
+from trustmae_lib.data import noise
+from trustmae_lib.data.mvtec import CategoryIndex, Sample, scan_category
+from trustmae_lib.data.noise import (
     NoisySplit,
     TrainItem,
     defect_count,
@@ -25,6 +23,8 @@ from trustmae_lib.noise import (
     noise_table,
     save_manifest,
 )
+from trustmae_lib.errors import TrustMAEError
+from trustmae_lib.io import read_json, write_json
 
 N_GOOD = 100
 TYPES = {"crack": 10, "hole": 6, "scratch": 4}  # pool of 20 defective test images
@@ -290,7 +290,7 @@ def test_train_item_defaults_and_doctests():
 
 
 def test_with_the_data_layer(tmp_path):
-    """A real folder in MVTec AD layout, scanned by trustmae_lib.data, survives the manifest round trip."""
+    """A real folder in MVTec AD layout, scanned by trustmae_lib.data.mvtec, survives the manifest round trip."""
 
     def png(path):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Tests for the transcribed paper tables (results/paper/*.csv) and trustmae_lib.paper."""
+"""Tests for the transcribed paper tables (results/paper/*.csv) and trustmae_lib.study.paper."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from trustmae_lib import paper
+from trustmae_lib.config import PAPER_NOISE_RATIOS
 from trustmae_lib.errors import TrustMAEError
-from trustmae_lib.paper import (
+from trustmae_lib.study import paper
+from trustmae_lib.study.paper import (
     MEAN_TOLERANCE,
     PAPER_CATEGORIES,
-    PAPER_NOISE,
     check_means,
     load_paper_table,
     paper_mean,
@@ -34,7 +34,7 @@ def test_shape_methods_noise_categories(which, n_rows):
     assert len(table) == n_rows * 16
     assert not table.duplicated(["method", "noise", "category"]).any()
     assert list(dict.fromkeys(table["method"])) == METHODS[which]
-    assert sorted(set(table["noise"])) == pytest.approx(list(PAPER_NOISE))
+    assert sorted(set(table["noise"])) == pytest.approx(list(PAPER_NOISE_RATIOS))
     per_row = table.groupby(["method", "noise"])["category"].apply(list)
     assert len(per_row) == n_rows
     assert all(cats == ["mean", *PAPER_CATEGORIES] for cats in per_row)
@@ -45,7 +45,7 @@ def test_shape_methods_noise_categories(which, n_rows):
 
 def test_categories_are_mvtec_in_alphabetical_order():
     assert list(PAPER_CATEGORIES) == sorted(PAPER_CATEGORIES) and len(PAPER_CATEGORIES) == 15
-    data = pytest.importorskip("trustmae_lib.data")
+    data = pytest.importorskip("trustmae_lib.data.mvtec")
     assert set(PAPER_CATEGORIES) == set(data.MVTEC_CATEGORIES)
 
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from trustmae_lib.config import RunSpec
+from trustmae_lib.engine.evaluate import evaluate_patchcore
 from trustmae_lib.errors import TrustMAEError
-from trustmae_lib.patchcore import PatchBank, anomaly_maps, evaluate_patchcore, patch_features
-from trustmae_lib.perceptual import build_backbone
+from trustmae_lib.model.patchcore import PatchBank, anomaly_maps, patch_features
+from trustmae_lib.model.perceptual import build_backbone
 
 pytestmark = pytest.mark.usefixtures("isolated_data")
 
@@ -76,7 +77,7 @@ def test_evaluate_patchcore_on_the_smoke_data():
 
 
 def test_patchcore_cannot_be_trained(tmp_path):
-    from trustmae_lib.train import train
+    from trustmae_lib.engine.train import train
 
     with pytest.raises(TrustMAEError, match="nothing to train"):
         train(RunSpec(category="widget", method="patchcore", profile="smoke"), tmp_path, progress=False)

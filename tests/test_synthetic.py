@@ -1,4 +1,4 @@
-"""The embedded datasets: the synthetic generator (trustmae_lib.synthetic) and the elpv writer (.elpv)."""
+"""The embedded datasets: the synthetic generator (trustmae_lib.data.synthetic) and the elpv writer (.elpv)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trustmae_lib import elpv, synthetic
 from trustmae_lib.config import load_profile
-from trustmae_lib.data import list_categories, read_image, read_mask, scan_category
+from trustmae_lib.data import elpv, synthetic
+from trustmae_lib.data.mvtec import list_categories, read_image, read_mask, scan_category
 from trustmae_lib.errors import TrustMAEError
 
 SMOKE = load_profile("smoke")

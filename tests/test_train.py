@@ -9,26 +9,14 @@ import pytest
 import torch
 import yaml
 
-from trustmae_lib import losses
-from trustmae_lib.checkpoint import load_checkpoint, save_checkpoint
-from trustmae_lib.config import METHODS, RunSpec, load_profile
+from trustmae_lib.config import METHODS, RunSpec, is_trustmae, load_profile
+from trustmae_lib.engine.checkpoint import load_checkpoint, save_checkpoint
+from trustmae_lib.engine.methods import build_models
+from trustmae_lib.engine.prepare import batch_indices, is_texture, load_train_tensors, prepare, train_size
+from trustmae_lib.engine.runs import CHECKPOINT, iter_log, load_trained, run_dir_for
+from trustmae_lib.engine.train import TrainingInterrupted, fit, load_or_train, train
 from trustmae_lib.errors import TrustMAEError
-from trustmae_lib.train import (
-    CHECKPOINT,
-    TrainingInterrupted,
-    _train_size,
-    batch_indices,
-    build_models,
-    fit,
-    is_texture,
-    iter_log,
-    load_or_train,
-    load_train_tensors,
-    load_trained,
-    prepare,
-    run_dir_for,
-    train,
-)
+from trustmae_lib.model import losses
 from trustmae_lib.utils import seed_everything
 
 pytestmark = pytest.mark.usefixtures("isolated_data")
@@ -50,7 +38,7 @@ def _objective(method: str, model, x: torch.Tensor) -> float:
         recon = model(x).recon
     if method == "ae_ssim":
         return float(losses.ssim_loss(x, recon))
-    if method.startswith("trustmae"):
+    if is_trustmae(method):
         return float(losses.reconstruction_loss(x, recon))
     return float((x - recon).pow(2).mean())
 
@@ -80,7 +68,7 @@ def test_batch_indices_cover_each_epoch_and_shard_disjointly():
 def test_smoke_training_reduces_the_objective(method, tmp_path):
     spec = RunSpec(method=method, category="widget", steps=8)
     profile, index, split = prepare(spec)
-    size, crop = _train_size(method, profile, is_texture("widget"))
+    size, crop = train_size(method, profile, is_texture("widget"))
     x = load_train_tensors(spec, profile, index, split, size)
     seed_everything(spec.seed)
     before = _objective(method, build_models(spec, profile)["model"], x)
@@ -89,7 +77,7 @@ def test_smoke_training_reduces_the_objective(method, tmp_path):
     assert after < before, f"{method}: objective {before:.4f} -> {after:.4f}"
     rows = list(iter_log(result.run_dir))
     assert [r["step"] for r in rows] == list(range(1, 9))
-    key = "total" if method.startswith("trustmae") else "loss"
+    key = "total" if is_trustmae(method) else "loss"
     assert all(torch.isfinite(torch.tensor(r[key])) for r in rows)
     if method == "trustmae":  # Eq. 9 terms and trust-region statistics are logged
         assert {"rec", "sm", "vgg", "gan", "feat", "margin", "trust", "disc", "trust_radius"} <= rows[0].keys()
@@ -103,9 +91,9 @@ def test_smoke_training_reduces_the_objective(method, tmp_path):
 
 def test_texture_baseline_trains_on_crops_of_the_4x_image():
     profile = load_profile("smoke")
-    assert _train_size("ae_l2", profile, texture=True) == (4 * profile.image_size, profile.image_size)
-    assert _train_size("ae_l2", profile, texture=False) == (profile.image_size, None)
-    assert _train_size("trustmae", profile, texture=True) == (profile.image_size, None)
+    assert train_size("ae_l2", profile, texture=True) == (4 * profile.image_size, profile.image_size)
+    assert train_size("ae_l2", profile, texture=False) == (profile.image_size, None)
+    assert train_size("trustmae", profile, texture=True) == (profile.image_size, None)
 
 
 def test_interrupt_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
@@ -216,7 +204,7 @@ def test_different_seeds_give_different_runs_and_same_seed_the_same(tmp_path):
 
 
 def test_recalibrate_batchnorm_recomputes_statistics_over_the_training_set():
-    from trustmae_lib.train import recalibrate_batchnorm
+    from trustmae_lib.engine.methods import recalibrate_batchnorm
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
@@ -235,8 +223,8 @@ def test_recalibrate_batchnorm_recomputes_statistics_over_the_training_set():
 
 
 def test_recalibrate_batchnorm_leaves_the_trust_region_history_alone():
-    from trustmae_lib.model import TrustMAE
-    from trustmae_lib.train import recalibrate_batchnorm
+    from trustmae_lib.engine.methods import recalibrate_batchnorm
+    from trustmae_lib.model.trustmae import TrustMAE
 
     torch.manual_seed(0)
     model = TrustMAE(width=0.125, memory_slots=8, memory_topk=2)
@@ -252,7 +240,7 @@ def test_recalibrate_batchnorm_leaves_the_trust_region_history_alone():
 
 
 def test_training_batch_windows_are_symmetries_of_crops_of_the_drawn_images():
-    from trustmae_lib.train import training_batch
+    from trustmae_lib.engine.prepare import training_batch
 
     g = torch.Generator().manual_seed(0)
     images = torch.rand(5, 3, 12, 12, generator=g)

@@ -1,4 +1,5 @@
-"""Trust-region memory update, L_margin and detached reads (reading of DESIGN §5)."""
+"""Trust-region memory update, L_margin and detached reads (the reading of ``trustmae_lib.model.trust_region``;
+chapter 4, *Deviations and readings*)."""
 
 import numpy as np
 import pytest
@@ -6,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from trustmae_lib.errors import TrustMAEError
-from trustmae_lib.trust_region import STAT_KEYS, TrustRegion, margin_loss, read_with_trust
+from trustmae_lib.model.trust_region import STAT_KEYS, TrustRegion, margin_loss, read_with_trust
 
 
 def _features(points):

@@ -17,8 +17,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import __version__
-from .errors import TrustMAEError
+from trustmae_lib import __version__
+from trustmae_lib.errors import TrustMAEError
 
 #: ``name -> register(subparsers)``; ``register`` adds ``subparsers.add_parser(name, ...)`` with ``func`` set.
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {}
@@ -45,9 +45,9 @@ def _add_profile(parser: argparse.ArgumentParser, default: str = "cpu") -> None:
 
 
 def _data_build(args: argparse.Namespace) -> int:
-    from . import elpv, synthetic
-    from .config import load_profile
-    from .data import dataset_root
+    from trustmae_lib.config import load_profile
+    from trustmae_lib.data import elpv, synthetic
+    from trustmae_lib.data.embedded import dataset_root
 
     profile = load_profile(args.profile)
     out = Path(args.out) if args.out else dataset_root(args.dataset, profile)
@@ -66,7 +66,7 @@ def _data_build(args: argparse.Namespace) -> int:
 
 
 def _data_info(args: argparse.Namespace) -> int:
-    from .data import describe
+    from trustmae_lib.data.embedded import describe
 
     rows = describe(args.root)
     cols = (
@@ -135,8 +135,8 @@ def _check_device(text: str | None) -> None:
 
 
 def _spec_from_args(args: argparse.Namespace):
-    from .config import RunSpec
-    from .data import EMBEDDED_DATASETS
+    from trustmae_lib.config import RunSpec
+    from trustmae_lib.data.embedded import EMBEDDED_DATASETS
 
     if args.steps < 0:
         raise TrustMAEError(f"--steps {args.steps} must be positive (0 = the profile's steps)")
@@ -160,7 +160,7 @@ def _spec_from_args(args: argparse.Namespace):
 def _train(args: argparse.Namespace) -> int:
     import os
 
-    from .train import TrainingInterrupted, train
+    from trustmae_lib.engine.train import TrainingInterrupted, train
 
     spec = _spec_from_args(args)
     main_rank = int(os.environ.get("RANK", "0")) == 0
@@ -172,14 +172,14 @@ def _train(args: argparse.Namespace) -> int:
     if main_rank:
         print(f"trained {spec.method} on {Path(spec.dataset).name}/{spec.category}: {run_dir}")
         if args.evaluate:
-            from .evaluate import evaluate, format_result
+            from trustmae_lib.engine.evaluate import evaluate, format_result
 
             print(format_result(evaluate(run_dir, device=args.device)))
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, format_result
+    from trustmae_lib.engine.evaluate import evaluate, format_result
 
     if args.batch_size < 1:
         raise TrustMAEError(f"--batch-size {args.batch_size} must be at least 1")
@@ -190,7 +190,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from .evaluate import score_files
+    from trustmae_lib.engine.evaluate import score_files
 
     out = Path(args.out) if args.out else Path(args.run_dir) / "scored"
     path = score_files(args.run_dir, args.path, out, variant=args.variant, device=args.device)
@@ -200,7 +200,7 @@ def _score(args: argparse.Namespace) -> int:
 
 @command("train")
 def _register_train(sub: argparse._SubParsersAction) -> None:
-    from .config import METHODS, PROTOCOLS, READINGS
+    from trustmae_lib.config import METHODS, PROTOCOLS, READINGS
 
     p = sub.add_parser("train", help="train one run (TrustMAE, an ablation or a baseline)",
                        description="Train one run into <out>/<run name>-<config hash>/ (checkpoint, log.csv, "
@@ -265,7 +265,7 @@ def _register_score(sub: argparse._SubParsersAction) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .sweep import forget, load_sweep, parse_shard, run_sweep
+    from trustmae_lib.study.sweep import forget, load_sweep, parse_shard, run_sweep
 
     config = load_sweep(args.config)
     shard = parse_shard(args.shard)

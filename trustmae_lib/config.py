@@ -1,4 +1,4 @@
-"""Run profiles (DESIGN §7): one place for sizes, steps and widths.
+"""Run profiles (chapter "Reproducibility"): one place for sizes, steps and widths.
 
 A profile is a flat set of scalars read from ``configs/<name>.yaml`` with ``yaml.safe_load`` and checked against
 :class:`Profile`'s fields: an unknown key or a value of the wrong type is a one-line :class:`TrustMAEError`
@@ -16,12 +16,13 @@ import dataclasses
 import difflib
 import hashlib
 import json
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import yaml
 
-from .errors import TrustMAEError
+from trustmae_lib.errors import TrustMAEError
 
 #: The repository's ``configs/`` folder (profiles ship with the checkout).
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -113,6 +114,30 @@ def _build(name: str, raw: dict, source: str) -> Profile:
     return profile
 
 
+def read_config_file(name_or_path: str | Path, missing: Callable[[Path], str]) -> tuple[Path, dict]:
+    """Read ``configs/<name>.yaml`` (or a YAML path) with ``yaml.safe_load``: ``(path, mapping)``.
+
+    Args:
+        name_or_path: a file name in ``configs/`` without ``.yaml``, or a path ending in ``.yaml`` / ``.yml``.
+        missing: the one-line error for a file that does not exist, given its path.
+
+    Raises:
+        TrustMAEError: a missing file, invalid YAML, or a document that is not a mapping.
+    """
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise TrustMAEError(missing(path))
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise TrustMAEError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
+    if not isinstance(raw, dict):
+        raise TrustMAEError(f"{path}: expected a mapping of key: value, got {type(raw).__name__}")
+    return path, raw
+
+
 def load_profile(name_or_path: str | Path = "smoke", **overrides) -> Profile:
     """Load a profile by name (``smoke``, ``cpu``, ``paper``) or from a YAML file path.
 
@@ -120,30 +145,34 @@ def load_profile(name_or_path: str | Path = "smoke", **overrides) -> Profile:
         name_or_path: profile name in ``configs/`` or a path to a YAML file.
         **overrides: field values that replace the file's (e.g. ``steps=10``).
     """
-    path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = CONFIG_DIR / f"{name_or_path}.yaml"
-        if not path.is_file():
-            raise TrustMAEError(
-                f"unknown profile '{name_or_path}'; choose one of {', '.join(PROFILES)} or pass a YAML file path"
-            )
-    if not path.is_file():
-        raise TrustMAEError(f"profile file {path} does not exist; pass an existing YAML file or a profile name")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise TrustMAEError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
-    if not isinstance(raw, dict):
-        raise TrustMAEError(f"{path}: expected a mapping of key: value, got {type(raw).__name__}")
+
+    def missing(path: Path) -> str:
+        if Path(name_or_path).suffix in (".yaml", ".yml"):
+            return f"profile file {path} does not exist; pass an existing YAML file or a profile name"
+        return f"unknown profile '{name_or_path}'; choose one of {', '.join(PROFILES)} or pass a YAML file path"
+
+    path, raw = read_config_file(name_or_path, missing)
     return _build(path.stem, {**raw, **overrides}, source=str(path))
 
 
 #: Methods the harness trains. Scoring variants (w/o PD, w/o SP) reuse the trained models and are not methods.
 METHODS = ("trustmae", "trustmae_no_tr", "memae", "ae_l2", "ae_ssim")  # trained methods
-#: Context baselines with nothing to train (scored straight from a pretrained backbone): :mod:`~trustmae_lib.patchcore`.
+#: Context baselines with nothing to train (scored straight from a pretrained backbone):
+#: :mod:`~trustmae_lib.model.patchcore`.
 REFERENCE_METHODS = ("patchcore",)
 ALL_METHODS = METHODS + REFERENCE_METHODS
+#: The memory auto-encoder and its *w/o TR* ablation: one network, with or without the trust region.
+TRUSTMAE_METHODS = ("trustmae", "trustmae_no_tr")
+
+
+def is_trustmae(method: str) -> bool:
+    """Whether ``method`` is TrustMAE or its ablation (GAN training, perceptual scoring, readings apply)."""
+    return method in TRUSTMAE_METHODS
+
+
 PROTOCOLS = ("overlap", "disjoint")
+#: The noise levels of supplement Tables 3 and 4.
+PAPER_NOISE_RATIOS = (0.05, 0.10, 0.15, 0.20, 0.30, 0.40)
 
 #: Alternative *readings* of choices the supplement leaves open (trust-region radii, detached reads, k, M,
 #: lambda_trust), for the principled-variant study of chapter 12. Each names the TrustMAE constructor arguments
@@ -197,11 +226,15 @@ class RunSpec:
             raise TrustMAEError(f"noise ratio {self.noise_ratio} is outside [0, 0.9]; pass e.g. 0.1 for 10 %")
         if self.reading and self.reading not in READINGS:
             raise TrustMAEError(f"unknown reading '{self.reading}'; choose one of {', '.join(READINGS)} (or none)")
-        if self.reading and not self.method.startswith("trustmae"):
+        if self.reading and not self.is_trustmae:
             raise TrustMAEError(f"reading '{self.reading}' applies to trustmae and trustmae_no_tr, not "
                                 f"{self.method}; drop it")  # fmt: skip
         if self.channels_last and self.method in REFERENCE_METHODS:
             raise TrustMAEError(f"channels_last is a training layout; {self.method} trains nothing -- drop it")
+
+    @property
+    def is_trustmae(self) -> bool:
+        return is_trustmae(self.method)
 
     def reading_overrides(self, part: str) -> dict:
         """The constructor (``part="model"``) or Eq. 9 weight (``part="loss"``) overrides of the reading."""
@@ -220,8 +253,7 @@ class RunSpec:
 
     def config_hash(self) -> str:
         """Hash of the spec, the resolved profile, the library version and the loss weights (12 hex digits)."""
-        from . import __version__
-        from .losses import LossWeights
+        from trustmae_lib import __version__
 
         # The library version and the Eq. 9 weights are part of the key: a changed default invalidates old runs.
         # The default reading and layout are left out of the spec, so cells from before they existed keep their hash.
@@ -232,8 +264,33 @@ class RunSpec:
                            "loss_weights": dataclasses.asdict(LossWeights())}, sort_keys=True)  # fmt: skip
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
+    def file_stem(self) -> str:
+        """``<run name>-<config hash>`` with dataset and profile paths shortened to their names: the name of the
+        run folder and of the cell's result file."""
+        short = dataclasses.replace(self, dataset=Path(self.dataset).name or "data", profile=Path(self.profile).stem)
+        return f"{short.run_name()}-{self.config_hash()}"
+
     def run_name(self) -> str:
         noise = f"n{round(self.noise_ratio * 100):02d}"
         name = f"{self.dataset}-{self.category}-{noise}-{self.protocol}-{self.method}-{self.profile}-s{self.seed}"
         name = f"{name}-{self.reading}" if self.reading else name
         return f"{name}-cl" if self.channels_last else name
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Eq. 9 weights. ``rec, sm, vgg, gan, feat`` are the supplement's; ``margin`` and ``trust`` are ours."""
+
+    rec: float = 10.0
+    sm: float = 10.0
+    vgg: float = 10.0
+    gan: float = 1.0
+    feat: float = 10.0
+    # reading: not given in the supplement. Measured at the cpu profile (quarter width, 128 px, 100 steps, brick):
+    # the triplet margin on unit vectors pulls every feature onto its nearest slot, and the encoder's features
+    # collapse (std across images 1.04 without it, 0.45 at weight 0.01, 0.02 at 0.1 and at 1). Off by default.
+    margin: float = 0.0
+    trust: float = 1.0  # reading: not given in the supplement
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)

@@ -9,9 +9,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from trustmae_lib.errors import TrustMAEError
 
 
 def _umask() -> int:
@@ -62,3 +65,32 @@ def write_json(path: str | Path, data, indent: int = 2) -> Path:
 
 def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | Path) -> Iterator[Path]:
+    """Build a folder in a temporary sibling, then rename it onto ``out`` (nothing half-written is visible).
+
+    An existing ``out`` is replaced only if it is a dataset this library wrote (it holds ``dataset.json``) or
+    empty; any other folder is refused. On an exception the temporary folder is removed.
+    """
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not (out.is_dir() and ((out / "dataset.json").is_file() or not any(out.iterdir()))):
+        raise TrustMAEError(
+            f"{out} already exists and is not a dataset written by trustmae_lib (no dataset.json); "
+            "choose a new or empty folder"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.{os.getpid()}.old")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import __version__
+from trustmae_lib import __version__
 
 
 @dataclass(frozen=True)
@@ -33,18 +33,74 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pick_device(device: str | None = None) -> torch.device:
-    """``None``/"auto" -> CUDA if available, else CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def pick_device(device: str | torch.device | None = None, local_rank: int | None = None) -> torch.device:
+    """The one device picker: ``None``/"auto" -> CUDA if available (GPU ``local_rank`` under DDP, else the current
+    one), otherwise the CPU; anything else is taken as given."""
+    if device not in (None, "auto"):
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device() if local_rank is None else local_rank)
+    return torch.device("cpu")
 
 
 def describe_device(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return f"cpu ({cpu_model()}, {os.cpu_count()} cores)"
+
+
+def _cpuinfo() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return handle.read()
+    except OSError:
+        return ""
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (falls back to :func:`platform.processor`)."""
+    for line in _cpuinfo().splitlines():
+        if line.startswith(("model name", "Model", "Hardware")) and ":" in line:
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def native_bf16() -> bool:
+    """Whether the CPU has bfloat16 arithmetic instructions (x86 AVX512-BF16 / AMX-BF16, Arm BF16)."""
+    flags = set()
+    for line in _cpuinfo().splitlines():
+        if line.startswith(("flags", "Features")) and ":" in line:
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+#: The fields of :func:`platform_info` that decide the floating-point path of a CPU run.
+PLATFORM_KEYS = ("cpu", "machine", "cpu_capability", "torch", "threads")
+
+
+def platform_info(device: torch.device | str = "cpu") -> dict:
+    """Where a number was computed: CPU model, architecture, the ISA level torch dispatches to, bf16 support,
+    torch build, thread count (and the GPU, if any). Two CPU runs give bit-identical results only when every
+    :data:`PLATFORM_KEYS` field agrees (:func:`same_platform`); elsewhere they agree within the seed spread.
+    """
+    device = torch.device(device)
+    return {
+        "cpu": cpu_model(),
+        "machine": platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": native_bf16(),
+        "torch": str(torch.__version__),
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
+
+
+def same_platform(a: dict | None, b: dict | None) -> bool:
+    """Whether two :func:`platform_info` records name the same floating-point path (``False`` if one is unknown)."""
+    if not a or not b:
+        return False
+    return all(a.get(k) == b.get(k) for k in PLATFORM_KEYS) and a.get("gpu") == b.get("gpu")
 
 
 def setup(seed: int = 0, device: str | None = None, deterministic: bool = True, figures: bool = True) -> RunContext:

@@ -1,11 +1,11 @@
 """Noise-study tables, figures and claim checks from sweep result files (chapters 11-13).
 
-Every number here comes from the JSON result files a sweep wrote (:func:`trustmae_lib.sweep.load_results`); each
+Every number here comes from the JSON result files a sweep wrote (:func:`trustmae_lib.study.sweep.collect`); each
 table keeps the names of the files it was computed from, so a chapter can say where its numbers came from.
 
 Rows follow the supplement: Table 3 (ablations -- TrustMAE with and without the trust region, scored with and
 without the perceptual distance and its spatial map) and Table 4 (baselines). The scoring ablations come from the
-same trained networks (:mod:`trustmae_lib.evaluate` variants), not from retraining.
+same trained networks (:mod:`trustmae_lib.engine.evaluate` variants), not from retraining.
 
 Example:
     >>> [r.label for r in TABLE4_ROWS][:2]
@@ -20,21 +20,28 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .errors import TrustMAEError
+from trustmae_lib.config import PAPER_NOISE_RATIOS
+from trustmae_lib.errors import TrustMAEError
 
 __all__ = [
     "Row",
     "TABLE3_ROWS",
     "TABLE4_ROWS",
     "CONTEXT_ROWS",
+    "MIN_SEEDS",
     "results_frame",
     "select_rows",
-    "noise_table",
+    "results_table",
     "drop_table",
     "paper_reference",
+    "paired_gap",
     "claims",
     "readings_table",
 ]
+
+#: Fewest seeds behind a comparison for a verdict: with fewer, the spread over seeds is no yardstick (one seed has
+#: none, two give a standard deviation from a single difference), and the verdict is ``"too few seeds"``.
+MIN_SEEDS = 3
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,7 @@ TABLE4_ROWS = (
     Row("MemAE", "memae", "residual", "MemAE", "table4"),
     Row("TrustMAE", "trustmae", "perceptual", "Ours", "table4"),
 )
-#: Not in the paper: the PatchCore-style context baseline (:mod:`trustmae_lib.patchcore`).
+#: Not in the paper: the PatchCore-style context baseline (:mod:`trustmae_lib.model.patchcore`).
 CONTEXT_ROWS = (Row("PatchCore-style (context)", "patchcore", "patch_knn", None),)
 
 
@@ -122,23 +129,36 @@ def select_rows(frame: pd.DataFrame, rows: Sequence[Row]) -> pd.DataFrame:
     return out
 
 
+def _seed_std(values) -> float:
+    """Sample standard deviation (``ddof=1``) of per-seed values; 0.0 for fewer than two (no spread to measure)."""
+    values = pd.Series(values, dtype=float).dropna()
+    return float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def _fmt_seeds(values) -> str:
+    """``mean ± std`` over per-seed values, in percent (the mean alone for one value)."""
+    values = pd.Series(values, dtype=float).dropna()
+    return _fmt(values.mean(), _seed_std(values), len(values))
+
+
 def _fmt(mean: float, std: float, n: int) -> str:
     if np.isnan(mean):
         return "--"
     return f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}"
 
 
-def noise_table(
+def results_table(
     frame: pd.DataFrame, rows: Sequence[Row], metric: str = "image_auroc", with_paper: bool = True
 ) -> pd.DataFrame:
-    """Table 3 / 4 shape: one row per (method row, noise %), columns ``mean`` and one per ``dataset/category``.
+    """Our results in the shape of Tables 3 / 4: one row per (method row, noise %), columns ``mean`` and one per
+    ``dataset/category``.
 
     Cells are ``mean ± std`` over seeds in percent; ``mean`` is the mean over categories of the per-seed values
     averaged over categories (its ± is the spread of that average over seeds). With ``with_paper`` a column
     ``paper mean (MVTec AD)`` gives the paper's mean over its 15 categories for the same method and noise -- the
     reference *trend*, not a like-for-like number (different data, backbone, size and training).
     """
-    from .paper import paper_mean
+    from trustmae_lib.study.paper import paper_mean
 
     sel = select_rows(frame, rows).dropna(subset=[metric])
     sel["column"] = sel["dataset"] + "/" + sel["category"]
@@ -150,10 +170,9 @@ def noise_table(
             cell = part[part["noise"] == noise]
             entry = {"method": row.label, "noise %": int(round(100 * noise))}
             per_seed = cell.groupby("seed")[metric].mean()
-            entry["mean"] = _fmt(per_seed.mean(), per_seed.std(ddof=1) if len(per_seed) > 1 else 0.0, len(per_seed))
+            entry["mean"] = _fmt_seeds(per_seed)
             for col in columns:
-                v = cell[cell["column"] == col][metric]
-                entry[col] = _fmt(v.mean(), v.std(ddof=1) if len(v) > 1 else 0.0, len(v))
+                entry[col] = _fmt_seeds(cell[cell["column"] == col][metric])
             if with_paper:
                 ref = None
                 if row.paper is not None:
@@ -168,8 +187,9 @@ def noise_table(
 
 def drop_table(frame: pd.DataFrame, rows: Sequence[Row], metric: str = "image_auroc") -> pd.DataFrame:
     """Per row: mean AUROC (percent) at the cleanest and the noisiest ratio, their difference ``drop`` (clean -
-    noisy, over seeds and categories; ± = std over seeds) and the paper's drop from 5 % to 40 % for the same row."""
-    from .paper import paper_mean
+    noisy, over seeds and categories; ``drop std`` = std over seeds), the number of ``seeds`` present at both ratios
+    and the paper's drop from 5 % to 40 % for the same row."""
+    from trustmae_lib.study.paper import paper_mean
 
     sel = select_rows(frame, rows).dropna(subset=[metric])
     out = []
@@ -196,17 +216,20 @@ def drop_table(frame: pd.DataFrame, rows: Sequence[Row], metric: str = "image_au
                 "AUROC clean": round(100 * clean.mean(), 1),
                 "AUROC noisy": round(100 * noisy.mean(), 1),
                 "drop": round(diff.mean(), 1),
-                "drop std": round(diff.std(ddof=1), 1) if len(diff) > 1 else 0.0,
+                "drop std": round(_seed_std(diff), 1),
+                "seeds": len(diff),
                 "paper drop 5→40 %": None if paper is None else round(paper, 2),
             }
         )
-    columns = ["method", "clean %", "noisy %", "AUROC clean", "AUROC noisy", "drop", "drop std", "paper drop 5→40 %"]
+    columns = ["method", "clean %", "noisy %", "AUROC clean", "AUROC noisy", "drop", "drop std", "seeds",
+               "paper drop 5→40 %"]  # fmt: skip
     return pd.DataFrame(out, columns=columns)
 
 
-def paper_reference(rows: Sequence[Row], noises: Sequence[float] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)) -> pd.DataFrame:
-    """The paper's mean AUC (percent) for ``rows`` at ``noises``: columns ``method, noise, auc``."""
-    from .paper import paper_mean
+def paper_reference(rows: Sequence[Row], noises: Sequence[float] = PAPER_NOISE_RATIOS) -> pd.DataFrame:
+    """The paper's mean AUC (percent) for ``rows`` at ``noises`` (default: the paper's noise levels,
+    :data:`trustmae_lib.config.PAPER_NOISE_RATIOS`): columns ``method, noise, auc``."""
+    from trustmae_lib.study.paper import paper_mean
 
     out = []
     for row in rows:
@@ -223,58 +246,71 @@ def _means(frame: pd.DataFrame, row: Row, metric: str) -> pd.DataFrame:
     return part.groupby(["noise", "seed"])[metric].mean().unstack("seed")
 
 
-def _verdict(effect: float, spread: float) -> str:
-    """``holds`` when ``effect`` exceeds the seed spread, ``fails`` when it is below minus it, else
-    ``inconclusive``."""
+def paired_gap(frame: pd.DataFrame, a: Row, b: Row, metric: str = "image_auroc") -> pd.DataFrame:
+    """Row ``a`` minus row ``b`` in points, paired by seed: ``(noise, seed)``, each the mean over categories.
+
+    Only the noise ratios and seeds both rows have are kept (same seed = same noisy split). Example: the margins of
+    claim 1 are ``paired_gap(frame, TABLE4_ROWS[3], base)`` for each baseline row ``base``.
+    """
+    ma, mb = _means(frame, a, metric), _means(frame, b, metric)
+    common_noise = ma.index.intersection(mb.index)
+    common_seed = ma.columns.intersection(mb.columns)
+    return (ma.loc[common_noise, common_seed] - mb.loc[common_noise, common_seed]) * 100
+
+
+def _verdict(effect: float, spread: float, n_seeds: int) -> str:
+    """``too few seeds`` below :data:`MIN_SEEDS` seeds; else ``holds`` when ``effect`` exceeds the seed spread,
+    ``fails`` when it is below minus it, and ``inconclusive`` in between."""
+    if n_seeds < MIN_SEEDS:
+        return "too few seeds"
     if effect > spread:
         return "holds"
     return "fails" if effect < -spread else "inconclusive"
+
+
+def _overall(verdicts: Sequence[str]) -> str:
+    """One verdict for a claim made of several comparisons: ``fails`` if any fails, ``holds`` if all hold,
+    ``inconclusive`` if any judged comparison is inside its spread, else ``too few seeds``."""
+    if not verdicts:
+        return "not tested"
+    if "fails" in verdicts:
+        return "fails"
+    if all(v == "holds" for v in verdicts):
+        return "holds"
+    return "inconclusive" if "inconclusive" in verdicts else "too few seeds"
 
 
 def claims(frame: pd.DataFrame, metric: str = "image_auroc") -> list[dict]:
     """Check the supplement's three claims on ``frame``; each entry has ``claim, paper, ours, verdict``.
 
     A difference counts only when it exceeds the seed spread: ``|mean difference| > std over seeds of the
-    per-seed difference`` (so one lucky seed does not make a verdict). Verdicts: ``holds`` (the effect is there,
-    beyond the spread), ``fails`` (the opposite effect, beyond the spread), ``inconclusive`` (inside the spread),
-    or ``not tested`` when the rows are missing.
+    per-seed difference`` (so one lucky seed does not make a verdict), and only when at least :data:`MIN_SEEDS`
+    seeds back it. Verdicts: ``holds`` (the effect is there, beyond the spread), ``fails`` (the opposite effect,
+    beyond the spread), ``inconclusive`` (inside the spread), ``too few seeds`` (fewer than :data:`MIN_SEEDS`), or
+    ``not tested`` when the rows are missing.
     """
-    from .paper import paper_mean
+    from trustmae_lib.study.paper import paper_mean
 
     full, no_tr = TABLE3_ROWS[0], TABLE3_ROWS[1]
     memae, ae_ssim, ae_l2 = TABLE4_ROWS[2], TABLE4_ROWS[1], TABLE4_ROWS[0]
     out = []
 
-    def diff(a: Row, b: Row) -> pd.DataFrame:
-        ma, mb = _means(frame, a, metric), _means(frame, b, metric)
-        common_noise = ma.index.intersection(mb.index)
-        common_seed = ma.columns.intersection(mb.columns)
-        return (ma.loc[common_noise, common_seed] - mb.loc[common_noise, common_seed]) * 100
-
-    verdict_of = _verdict
-
     # 1. TrustMAE beats every baseline at every noise level.
     verdicts, notes = [], []
     for base in (memae, ae_ssim, ae_l2):
-        d = diff(full, base)
+        d = paired_gap(frame, full, base, metric)
         if d.empty:
             continue
         for noise, seeds in d.iterrows():
-            m, s = seeds.mean(), seeds.std(ddof=1) if len(seeds) > 1 else 0.0
-            verdicts.append(verdict_of(m, s))
+            m, s = seeds.mean(), _seed_std(seeds)
+            verdicts.append(_verdict(m, s, seeds.count()))
             notes.append(f"vs {base.label} at {round(100 * noise)} %: {m:+.1f} ± {s:.1f}")
-    if not verdicts:
-        overall = "not tested"
-    elif "fails" in verdicts:
-        overall = "fails"
-    else:
-        overall = "holds" if all(v == "holds" for v in verdicts) else "inconclusive"
     out.append(
         {
             "claim": "TrustMAE beats MemAE, AE-SSIM and AE-L2 at every noise level",
             "paper": "Table 4: higher mean AUC than all three at every noise level, 5-40 %",
             "ours": "; ".join(notes) if notes else "rows missing",
-            "verdict": overall,
+            "verdict": _overall(verdicts),
         }
     )
 
@@ -286,7 +322,8 @@ def claims(frame: pd.DataFrame, metric: str = "image_auroc") -> list[dict]:
             f"TrustMAE {a['drop']:+.1f} ± {a['drop std']:.1f}, MemAE {b['drop']:+.1f} ± {b['drop std']:.1f} "
             f"points ({int(a['clean %'])} → {int(a['noisy %'])} %)"
         )
-        verdict = verdict_of(b["drop"] - a["drop"], max(a["drop std"], b["drop std"]))
+        n_seeds = min(int(a["seeds"]), int(b["seeds"]))
+        verdict = _verdict(b["drop"] - a["drop"], max(a["drop std"], b["drop std"]), n_seeds)
     else:
         ours, verdict = "rows missing", "not tested"
     out.append(
@@ -302,13 +339,13 @@ def claims(frame: pd.DataFrame, metric: str = "image_auroc") -> list[dict]:
     )
 
     # 3. The trust region matters most at high noise.
-    d = diff(full, no_tr)
+    d = paired_gap(frame, full, no_tr, metric)
     if len(d.index) >= 2:
         lo, hi = d.index.min(), d.index.max()
         m_lo, m_hi = d.loc[lo].mean(), d.loc[hi].mean()
-        s_hi = d.loc[hi].std(ddof=1) if d.shape[1] > 1 else 0.0
+        s_hi = _seed_std(d.loc[hi])
         ours = f"TrustMAE − w/o TR: {m_lo:+.1f} at {round(100 * lo)} %, {m_hi:+.1f} ± {s_hi:.1f} at {round(100 * hi)} %"
-        verdict = verdict_of(m_hi, s_hi)
+        verdict = _verdict(m_hi, s_hi, d.loc[hi].count())
         if verdict == "holds" and m_hi <= m_lo:  # a gap, but not one that opens with noise
             verdict = "inconclusive"
     else:
@@ -334,10 +371,10 @@ def readings_table(frame: pd.DataFrame, metric: str = "image_auroc") -> pd.DataF
     the w/o TR network it is compared with -- the same reading when ``frame`` has it (readings that change the
     memory, e.g. ``m512``), else the default one (readings of the trust region itself change nothing without
     one) -- the paired difference ``gap`` (mean and std over seeds, in points; ``per seed`` lists it) and its verdict
-    (:func:`claims`' rule: ``holds`` = the trust region helps beyond the seed spread; ``too few seeds`` below two
-    paired seeds, where there is no spread to judge by).
+    (:func:`claims`' rule: ``holds`` = the trust region helps beyond the seed spread; ``too few seeds`` below
+    :data:`MIN_SEEDS` paired seeds, where the spread is no yardstick).
     """
-    from .config import READINGS
+    from trustmae_lib.config import READINGS
 
     scored = frame[frame["variant"] == "perceptual"].dropna(subset=[metric])
     full = scored[scored["method"] == "trustmae"]
@@ -352,20 +389,18 @@ def readings_table(frame: pd.DataFrame, metric: str = "image_auroc") -> pd.DataF
         b = mine.groupby("seed")[metric].mean()
         seeds = a.index.intersection(b.index)
         gap = (a[seeds] - b[seeds]) * 100
-        spread = gap.std(ddof=1) if len(gap) > 1 else 0.0
+        spread = _seed_std(gap)
         out.append(
             {
                 "noise %": int(round(100 * noise)),
                 "reading": reading or "default",
                 "what it changes": READINGS[reading]["why"] if reading else "the library's reading (chapter 4)",
-                "TrustMAE": _fmt(a.mean(), a.std(ddof=1) if len(a) > 1 else 0.0, len(a)),
-                "w/o TR": (_fmt(b.mean(), b.std(ddof=1) if len(b) > 1 else 0.0, len(b)) + f" ({against or 'default'})")
-                if len(b)
-                else "--",
+                "TrustMAE": _fmt_seeds(a),
+                "w/o TR": f"{_fmt_seeds(b)} ({against or 'default'})" if len(b) else "--",
                 "gap": round(gap.mean(), 1) if len(gap) else np.nan,
                 "gap std": round(spread, 1) if len(gap) else np.nan,
                 "per seed": tuple(round(float(v), 1) for v in gap),
-                "verdict": _verdict(gap.mean(), spread) if len(gap) > 1 else "too few seeds",
+                "verdict": _verdict(gap.mean(), spread, len(gap)),
             }
         )
     return pd.DataFrame(out)

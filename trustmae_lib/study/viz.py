@@ -93,7 +93,7 @@ def anomaly_rows(images, masks, recons, anomaly_maps, titles: Sequence[str] | No
 def noise_curves(frame, rows, metric: str = "image_auroc", paper: bool = True, size: float = 3.6) -> Figure:
     """Mean AUROC against noise ratio per row, with the spread over seeds (the band: min to max of the per-seed
     means over categories); with ``paper`` a second panel draws the paper's MVTec AD mean for the same rows."""
-    from .report import paper_reference, select_rows
+    from trustmae_lib.study.report import paper_reference, select_rows
 
     sel = select_rows(frame, rows).dropna(subset=[metric])
     ncols = 2 if paper else 1
@@ -130,7 +130,7 @@ def noise_curves(frame, rows, metric: str = "image_auroc", paper: bool = True, s
 
 def drop_bars(drops, size: float = 3.6) -> Figure:
     """Bars of the AUROC drop from the cleanest to the noisiest setting per method (ours, with the seed std), beside
-    the paper's drop from 5 % to 40 % where it has one (:func:`trustmae_lib.report.drop_table`)."""
+    the paper's drop from 5 % to 40 % where it has one (:func:`trustmae_lib.study.report.drop_table`)."""
     fig, ax = plt.subplots(figsize=(size * 1.6, size))
     x = np.arange(len(drops))
     ax.bar(x - 0.2, drops["drop"], 0.4, yerr=drops["drop std"], capsize=3, label="ours (points of AUROC)")
@@ -147,7 +147,7 @@ def drop_bars(drops, size: float = 3.6) -> Figure:
 
 def auroc_heatmap(frame, rows, metric: str = "image_auroc", size: float = 0.9) -> Figure:
     """Rows x (category, noise) heat map of the mean AUROC over seeds, values written in the cells."""
-    from .report import select_rows
+    from trustmae_lib.study.report import select_rows
 
     sel = select_rows(frame, rows).dropna(subset=[metric])
     sel["column"] = sel["category"] + " " + (sel["noise"] * 100).round().astype(int).astype(str) + "%"
@@ -167,7 +167,7 @@ def auroc_heatmap(frame, rows, metric: str = "image_auroc", size: float = 0.9) -
 
 def reading_gaps(table, size: float = 3.6) -> Figure:
     """TrustMAE minus w/o TR per alternative reading: one dot per seed, a bar for the mean
-    (:func:`trustmae_lib.report.readings_table`); above zero the trust region helps."""
+    (:func:`trustmae_lib.study.report.readings_table`); above zero the trust region helps."""
     fig, ax = plt.subplots(figsize=(size * 1.6, size))
     several = table["noise %"].nunique() > 1
     labels = [f"{r} ({n} %)" if several else r for r, n in zip(table["reading"], table["noise %"], strict=True)]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .errors import TrustMAEError
+from trustmae_lib.errors import TrustMAEError
 
 
 def check_class_ids(y: Tensor | None, batch_size: int, num_classes: int, check_range: bool = True) -> None:
@@ -78,7 +78,7 @@ class ConditionalBatchNorm2d(nn.Module):
         Args:
             x: ``(B, C, H, W)`` features.
             y: ``(B,)`` long class ids, or ``None`` for class 0.
-            validate: check ``y`` (shape, dtype, range). :class:`~trustmae_lib.model.TrustMAE` checks once per
+            validate: check ``y`` (shape, dtype, range). :class:`~trustmae_lib.model.trustmae.TrustMAE` checks once per
                 forward and passes ``False`` to its layers.
 
         Returns:

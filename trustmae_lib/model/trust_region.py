@@ -1,7 +1,7 @@
 """Trust-region memory update (``L_trust``) and the separateness term ``L_margin`` of supplement Eq. 9.
 
-*Reading* -- the supplement names both terms but the main paper's definitions are not in our source
-(DESIGN §5). For each encoder feature ``z`` (detached) and its nearest slot ``m*`` (Euclidean,
+*Reading* -- the supplement names both terms but the main paper's definitions are not in our source (chapter 4,
+"Deviations and readings"). For each encoder feature ``z`` (detached) and its nearest slot ``m*`` (Euclidean,
 ``d = ||z - m*||``):
 
 * ``d <= delta1`` (the *trust region*): the slot is **pulled** toward ``z`` -- loss ``d^2``
@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import TrustMAEError
+from trustmae_lib.errors import TrustMAEError
 
 PULL = ("squared", "linear")
 STAT_KEYS = (

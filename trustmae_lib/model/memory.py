@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import TrustMAEError
-from .trust_region import read_with_trust
+from trustmae_lib.errors import TrustMAEError
+from trustmae_lib.model.trust_region import read_with_trust
 
 ADDRESSING = ("topk", "shrink", "softmax")
 SIMILARITY = ("cosine", "dot")
@@ -85,7 +85,7 @@ def address(
         similarity, addressing, topk, temperature, shrink_threshold, eps: see :class:`MemoryModule`.
         keep_grad: optional ``(N,)`` bool; rows where it is ``False`` compare with ``memory.detach()``, so
             their weights carry no gradient to the slots (trust-region reading, see
-            :mod:`trustmae_lib.trust_region`).
+            :mod:`trustmae_lib.model.trust_region`).
 
     Returns:
         ``(weights (N, M), similarity (N, M))``.
@@ -188,7 +188,7 @@ class MemoryModule(nn.Module):
             z: ``(B, C, h, w)`` encoder features.
             trusted: optional ``(B, h, w)`` bool. Where ``False`` the location addresses and reads
                 ``memory.detach()``: it still reconstructs from the slots but cannot move them (trust-region
-                reading, see :func:`trustmae_lib.trust_region.read_with_trust`).
+                reading, see :func:`trustmae_lib.model.trust_region.read_with_trust`).
 
         Returns:
             :class:`MemoryReadout` with ``read (B, C, h, w)``, ``weights (B, h, w, M)`` and

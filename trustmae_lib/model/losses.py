@@ -26,18 +26,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import TrustMAEError
-from .perceptual import LAYER_WEIGHTS
+from trustmae_lib.config import LossWeights
+from trustmae_lib.errors import TrustMAEError
+from trustmae_lib.model.perceptual import LAYER_WEIGHTS
 
 __all__ = [
     "LOSS_TERMS",
-    "LossWeights",
     "reconstruction_loss",
     "gaussian_window",
     "ssim",
@@ -51,25 +50,6 @@ __all__ = [
 
 #: Eq. 9's terms, in the supplement's order.
 LOSS_TERMS: tuple[str, ...] = ("rec", "sm", "vgg", "gan", "feat", "margin", "trust")
-
-
-@dataclass(frozen=True)
-class LossWeights:
-    """Eq. 9 weights. ``rec, sm, vgg, gan, feat`` are the supplement's; ``margin`` and ``trust`` are ours."""
-
-    rec: float = 10.0
-    sm: float = 10.0
-    vgg: float = 10.0
-    gan: float = 1.0
-    feat: float = 10.0
-    # reading: not given in the supplement. Measured at the cpu profile (quarter width, 128 px, 100 steps, brick):
-    # the triplet margin on unit vectors pulls every feature onto its nearest slot, and the encoder's features
-    # collapse (std across images 1.04 without it, 0.45 at weight 0.01, 0.02 at 0.1 and at 1). Off by default.
-    margin: float = 0.0
-    trust: float = 1.0  # reading: not given in the supplement
-
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self)
 
 
 def _check_same_shape(a: Tensor, b: Tensor, what: str) -> None:

@@ -3,7 +3,7 @@
 Not a method of the paper. It is what a practitioner would try first today (Roth et al., *Towards Total Recall in
 Industrial Anomaly Detection*, CVPR 2022), run here under the same data and noise protocol as TrustMAE so that the
 book can say where a 2021 reconstruction model stands. No training: the frozen backbone
-(:func:`trustmae_lib.perceptual.build_backbone`, the run profile's backbone) embeds every training image, and the
+(:func:`trustmae_lib.model.perceptual.build_backbone`, the run profile's backbone) embeds every training image, and the
 bank holds every patch feature of the -- possibly contaminated -- training set.
 
 Patch feature (following PatchCore's recipe on our backbone): the backbone's third and fourth taps (strides 8 and
@@ -27,15 +27,14 @@ Example:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import TrustMAEError
+from trustmae_lib.errors import TrustMAEError
+from trustmae_lib.model.distance import smooth, smoothing_sigma
 
 #: Backbone taps (indices into its five feature maps) used for patch features: strides 8 and 16.
 TAPS = (2, 3)
@@ -106,77 +105,7 @@ class PatchBank:
 
 def anomaly_maps(distances: Tensor, size: int) -> tuple[Tensor, Tensor]:
     """``(B, h, w)`` patch distances -> smoothed ``(B, 1, size, size)`` maps and ``(B,)`` image scores (max)."""
-    from .evaluate import smooth, smoothing_sigma
 
     maps = F.interpolate(distances[:, None], size=(size, size), mode="bilinear", align_corners=False)
     maps = smooth(maps, smoothing_sigma(size))
     return maps, maps.amax((1, 2, 3))
-
-
-def evaluate_patchcore(spec, device: str | None = None, batch_size: int = 16) -> dict:
-    """Build the bank from ``spec``'s noisy training split, score its test set; a result dict like
-    :func:`trustmae_lib.evaluate.evaluate`'s (variant ``patch_knn``), with ``steps = 0`` (nothing is trained).
-    """
-    from . import __version__
-    from .data import load_tensors
-    from .evaluate import fit_threshold, image_auroc, pixel_auroc, threshold_metrics
-    from .perceptual import build_backbone
-    from .train import _cache_dir, load_train_tensors, prepare
-
-    if spec.method != "patchcore":
-        raise TrustMAEError(f"evaluate_patchcore got method '{spec.method}'; pass a RunSpec with method='patchcore'")
-    t0 = time.perf_counter()
-    profile, index, split = prepare(spec)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    backbone = build_backbone(profile.backbone).to(dev).eval()
-    size = profile.image_size
-    train_images = load_train_tensors(spec, profile, index, split, size)
-    test = list(split.test)
-    images, masks = load_tensors(test, size, cache_dir=_cache_dir(spec, index.root), progress=False)
-    labels = np.array([s.label for s in test], dtype=int)
-
-    train_feats = patch_features(backbone, train_images.to(dev), batch_size=batch_size).cpu()
-    bank = PatchBank(train_feats)
-    t_bank = time.perf_counter() - t0
-    test_feats = patch_features(backbone, images.to(dev), batch_size=batch_size).cpu()
-    test_maps, test_scores = anomaly_maps(bank.distances(test_feats), size)
-    _, train_scores = anomaly_maps(bank.distances(train_feats, exclude=torch.arange(len(train_feats))), size)
-    threshold = fit_threshold(train_scores.numpy(), spec.noise_ratio)
-    entry = {
-        "image_auroc": image_auroc(labels, test_scores.numpy()),
-        "pixel_auroc": pixel_auroc(masks, test_maps) if index.has_masks else None,
-        "threshold": threshold,
-        **threshold_metrics(labels, test_scores.numpy(), threshold["value"]),
-        "train_score_mean": float(train_scores.mean()),
-    }
-    return {
-        "metrics": {"patch_knn": entry},
-        "primary_variant": "patch_knn",
-        "image_auroc": entry["image_auroc"],
-        "pixel_auroc": entry["pixel_auroc"],
-        "dataset": spec.dataset,
-        "category": spec.category,
-        "noise_ratio": spec.noise_ratio,
-        "realised_noise_ratio": split.realised_ratio,
-        "protocol": spec.protocol,
-        "manifest_hash": split.manifest_hash,
-        "method": spec.method,
-        "backbone": backbone.name,
-        "backbone_weights": backbone.weights_source,
-        "profile": profile.name,
-        "profile_digest": profile.digest(),
-        "seed": spec.seed,
-        "steps": 0,
-        "library_version": __version__,
-        "torch_version": str(torch.__version__),
-        "device": str(dev),
-        "train_device": str(dev),
-        "train_wall_s": round(t_bank, 3),
-        "eval_wall_s": round(time.perf_counter() - t0 - t_bank, 3),
-        "config_hash": spec.config_hash(),
-        "n_train": len(split.train),
-        "n_test": len(test),
-        "n_test_defective": int(labels.sum()),
-        "score_size": size,
-        "bank_patches": len(bank),
-    }

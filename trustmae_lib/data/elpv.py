@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .data import atomic_directory, dataset_info
-from .errors import TrustMAEError
-from .io import write_json
+from trustmae_lib.data.mvtec import dataset_info
+from trustmae_lib.errors import TrustMAEError
+from trustmae_lib.io import atomic_directory, write_json
 
 WRITER_VERSION = 1
 CATEGORIES = ("mono", "poly")

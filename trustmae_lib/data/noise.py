@@ -41,15 +41,14 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import numpy as np
 import pandas as pd
 
-from .data import CategoryIndex, Sample
-from .errors import TrustMAEError
-from .io import read_json, write_json
+from trustmae_lib.config import PROTOCOLS
+from trustmae_lib.data.mvtec import CategoryIndex, Sample
+from trustmae_lib.errors import TrustMAEError
+from trustmae_lib.io import read_json, write_json
 
 __all__ = [
     "MAX_RATIO",
     "MANIFEST_VERSION",
-    "PROTOCOLS",
-    "PAPER_RATIOS",
     "TrainItem",
     "NoisySplit",
     "defect_count",
@@ -61,8 +60,6 @@ __all__ = [
 
 MAX_RATIO = 0.9
 MANIFEST_VERSION = 1
-PROTOCOLS = ("overlap", "disjoint")
-PAPER_RATIOS = (0.05, 0.10, 0.15, 0.20, 0.30, 0.40)  # the noise levels of supplement Tables 3 and 4
 _ROLES = ("train_good", "train_injected", "test")
 
 

@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .data import atomic_directory, dataset_info
-from .errors import TrustMAEError
-from .io import write_json
+from trustmae_lib.data.mvtec import dataset_info
+from trustmae_lib.errors import TrustMAEError
+from trustmae_lib.io import atomic_directory, write_json
 
 GENERATOR_VERSION = 1
 TEXTURES = ("brick", "grass", "gravel")
@@ -414,7 +414,7 @@ def generate_synthetic(out: str | Path, profile, seed: int = 0, categories: Sequ
             tmp / "dataset.json",
             {
                 "name": "synthetic",
-                "generator": "trustmae_lib.synthetic",
+                "generator": "trustmae_lib.data.synthetic",
                 "generator_version": GENERATOR_VERSION,
                 "seed": int(seed),
                 "profile": profile.name,
@@ -423,7 +423,7 @@ def generate_synthetic(out: str | Path, profile, seed: int = 0, categories: Sequ
                 "defect_types": {c: list(DEFECT_TYPES[c]) for c in cats},
                 "fixed_orientation": [c for c in cats if c in FIXED_ORIENTATION],
                 "counts": counts,
-                "sources": {c: SOURCES.get(c, "procedurally drawn by trustmae_lib.synthetic") for c in cats},
+                "sources": {c: SOURCES.get(c, "procedurally drawn by trustmae_lib.data.synthetic") for c in cats},
                 "licence": "texture photos: scikit-image's data module, CC0; drawings and defects: generated",
                 "masks": "ground_truth masks are exactly the pixels that differ from the clean image",
                 "config": _config(profile, seed, cats),

@@ -5,15 +5,15 @@ P1) to one logit per ``h/64 x w/64`` patch. No normalisation (Table 2 lists none
 returned for the feature-matching loss ``L_feat`` (Eq. 15).
 
 Readings: convolutions keep their bias; spectral normalisation is an option (default off, not in Table 2);
-``width`` scales channels like :func:`trustmae_lib.model.scale_channels`.
+``width`` scales channels like :func:`trustmae_lib.model.trustmae.scale_channels`.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .errors import TrustMAEError
-from .model import ConvNormAct, scale_channels
+from trustmae_lib.errors import TrustMAEError
+from trustmae_lib.model.trustmae import ConvNormAct, scale_channels
 
 DISC_CHANNELS = (32, 64, 128, 256, 512, 1024)  # Table 2
 MIN_SIDE = 64  # six stride-2 stages: h/64 must be >= 1
@@ -72,6 +72,6 @@ class Discriminator(nn.Module):
         return self.head(x), features
 
     def table_layers(self) -> list[tuple[str, str, nn.Module]]:
-        """``(part, name, module)`` of every Table-2 row (used by :func:`trustmae_lib.model.layer_table`)."""
+        """``(part, name, module)`` of every Table-2 row (used by :func:`trustmae_lib.model.trustmae.layer_table`)."""
         rows = [("discriminator", f"blocks.{i}", b) for i, b in enumerate(self.blocks)]
         return rows + [("discriminator", "head", self.head)]

@@ -31,12 +31,21 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from tqdm import tqdm
 
-from .config import ALL_METHODS, CONFIG_DIR, METHODS, PROTOCOLS, READINGS, REFERENCE_METHODS, RunSpec
-from .errors import TrustMAEError
-from .io import read_json, write_json
+from trustmae_lib.config import (
+    ALL_METHODS,
+    CONFIG_DIR,
+    METHODS,
+    PROTOCOLS,
+    READINGS,
+    REFERENCE_METHODS,
+    RunSpec,
+    is_trustmae,
+    read_config_file,
+)
+from trustmae_lib.errors import TrustMAEError
+from trustmae_lib.io import read_json, write_json
 
 REPO = CONFIG_DIR.parent
 
@@ -91,7 +100,7 @@ class SweepConfig:
 
     def readings_for(self, method: str) -> tuple:
         """Readings of ``method``'s cells (only the TrustMAE methods take any; ``""`` = the library's)."""
-        if not method.startswith("trustmae"):
+        if not is_trustmae(method):
             return ("",)
         if isinstance(self.readings, dict):
             return tuple(self.readings.get(method, ("",)))
@@ -118,18 +127,12 @@ def _resolve(path: str) -> Path:
 
 def load_sweep(name_or_path: str | Path) -> SweepConfig:
     """Read a sweep file (``configs/<name>.yaml`` or a path) with ``yaml.safe_load`` and check every key."""
-    path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = CONFIG_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
+
+    def missing(path: Path) -> str:
         choices = sorted(p.stem for p in CONFIG_DIR.glob("sweep_*.yaml"))
-        raise TrustMAEError(f"sweep file {path} does not exist; use one of {', '.join(choices)} or a YAML path")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise TrustMAEError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
-    if not isinstance(raw, dict):
-        raise TrustMAEError(f"{path}: expected a mapping of key: value")
+        return f"sweep file {path} does not exist; use one of {', '.join(choices)} or a YAML path"
+
+    path, raw = read_config_file(name_or_path, missing)
     known = {f.name for f in dataclasses.fields(SweepConfig)}
     for key in raw:
         if key not in known:
@@ -174,19 +177,12 @@ def load_sweep(name_or_path: str | Path) -> SweepConfig:
     return config
 
 
-def _file_stem(spec: RunSpec) -> str:
-    """``<run name>-<config hash>``, dataset and profile paths shortened to names (as in the run folders)."""
-    name, profile = Path(spec.dataset).name or "data", Path(spec.profile).stem
-    short = dataclasses.replace(spec, dataset=name, profile=profile)
-    return f"{short.run_name()}-{spec.config_hash()}"
-
-
 def result_path(spec: RunSpec, results_dir: Path) -> Path:
-    return results_dir / f"{_file_stem(spec)}.json"
+    return results_dir / f"{spec.file_stem()}.json"
 
 
 def failure_path(spec: RunSpec, results_dir: Path) -> Path:
-    return results_dir / "failed" / f"{_file_stem(spec)}.json"
+    return results_dir / "failed" / f"{spec.file_stem()}.json"
 
 
 def current_result(spec: RunSpec, results_dir: Path) -> dict | None:
@@ -210,8 +206,8 @@ def run_cell(spec: RunSpec, results_dir: Path, runs_dir: Path, threads: int = 0,
     """Train (or reuse) and evaluate one cell; write its result file. Never raises: failures are recorded."""
     import torch
 
-    from .evaluate import evaluate
-    from .train import load_or_train
+    from trustmae_lib.engine.evaluate import evaluate
+    from trustmae_lib.engine.train import load_or_train
 
     if threads:
         torch.set_num_threads(threads)
@@ -219,7 +215,7 @@ def run_cell(spec: RunSpec, results_dir: Path, runs_dir: Path, threads: int = 0,
     fail = failure_path(spec, results_dir)
     try:
         if spec.method == "patchcore":  # nothing to train: the bank is built from the training split
-            from .patchcore import evaluate_patchcore
+            from trustmae_lib.engine.evaluate import evaluate_patchcore
 
             result = evaluate_patchcore(spec, device=device)
         else:
@@ -309,16 +305,6 @@ def run_sweep(
     return summary
 
 
-def load_results(results_dir: str | Path) -> list[dict]:
-    """Every result file of a results folder (failed cells excluded), each with its file name under ``file``."""
-    rows = []
-    for path in sorted(Path(results_dir).glob("*.json")):
-        data = read_json(path)
-        data["file"] = path.name
-        rows.append(data)
-    return rows
-
-
 def collect(config: SweepConfig) -> tuple[list[dict], list[RunSpec]]:
     """The current results of ``config``'s grid and the cells still missing.
 
@@ -343,7 +329,7 @@ def forget(config: SweepConfig) -> int:
     """
     import shutil
 
-    from .train import run_dir_for
+    from trustmae_lib.engine.runs import run_dir_for
 
     count = 0
     for spec in config.grid():

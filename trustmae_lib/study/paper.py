@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import TrustMAEError
+from trustmae_lib.config import PAPER_NOISE_RATIOS
+from trustmae_lib.data.mvtec import MVTEC_CATEGORIES
+from trustmae_lib.errors import TrustMAEError
 
 __all__ = [
     "PAPER_DIR",
     "PAPER_TABLES",
     "PAPER_CATEGORIES",
-    "PAPER_NOISE",
     "MEAN_TOLERANCE",
     "load_paper_table",
     "paper_wide",
@@ -35,14 +36,10 @@ __all__ = [
     "check_means",
 ]
 
-PAPER_DIR = Path(__file__).resolve().parents[1] / "results" / "paper"
+PAPER_DIR = Path(__file__).resolve().parents[2] / "results" / "paper"
 PAPER_TABLES = {"table3": "table3_ablation.csv", "table4": "table4_baselines.csv"}
 # MVTec AD's 15 categories in alphabetical order: the columns of Tables 3 and 4 (garbled in the text).
-PAPER_CATEGORIES = (
-    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
-    "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
-)  # fmt: skip
-PAPER_NOISE = (0.05, 0.10, 0.15, 0.20, 0.30, 0.40)
+PAPER_CATEGORIES = MVTEC_CATEGORIES
 # Both the category AUCs and the mean are rounded to 0.01, so the mean of the rounded values can differ from
 # the printed mean by up to 0.005 + 0.005; all 54 rows of the two tables in fact agree to within 0.005.
 MEAN_TOLERANCE = 0.011
@@ -97,7 +94,9 @@ def paper_mean(method: str, noise: float) -> float:
             continue
         row = table[(names == method) & np.isclose(table["noise"], float(noise)) & (table["category"] == "mean")]
         if len(row) != 1:
-            raise TrustMAEError(f"no paper mean for {method!r} at noise {noise}; use a fraction in {list(PAPER_NOISE)}")
+            raise TrustMAEError(
+                f"no paper mean for {method!r} at noise {noise}; use a fraction in {list(PAPER_NOISE_RATIOS)}"
+            )
         return float(row["auc"].iloc[0])
     known = sorted({*tables[0]["method"], *tables[1]["method"], *tables[1]["our_method"]})
     raise TrustMAEError(f"unknown paper method {method!r}; use one of {', '.join(known)}")

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from .errors import TrustMAEError
-from .io import atomic_write
+from trustmae_lib import __version__
+from trustmae_lib.errors import TrustMAEError
+from trustmae_lib.io import atomic_write
 
 __all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
 

@@ -1,0 +1,303 @@
+"""What each method trains: its networks, optimisers and one training step (supplement Eq. 9-15, §B).
+
+* **TrustMAE** (``trustmae``; ``trustmae_no_tr`` builds the same network with ``trust_region=False``) alternates
+  a discriminator step -- the hinge loss of Eq. 13 on ``x`` and ``G(x).detach()`` -- and a generator step on
+  Eq. 9: ``10 L_rec + 10 L_sm + 10 L_vgg + 1 L_GAN + 10 L_feat + l_margin L_margin + l_trust L_trust`` with
+  ``L_GAN`` from Eq. 14 and ``L_feat`` from Eq. 15, the perceptual term on the profile's backbone
+  (:class:`TrustMAEMethod`).
+* **Baselines** (``memae``, ``ae_l2``, ``ae_ssim``) train on their own objective from
+  :data:`trustmae_lib.model.baselines.BASELINES` (:class:`BaselineMethod`).
+
+Optimisers (*readings*: the supplement gives only the baselines' Adam lr 1e-4): TrustMAE uses Adam with the
+profile's ``lr`` / ``lr_disc`` and betas ``(0.5, 0.999)`` -- the usual setting of the hinge-GAN / pix2pixHD family
+the losses come from; the baselines use Adam, lr 1e-4, betas ``(0.9, 0.999)`` (PyTorch's default).
+
+A **NaN/inf** loss raises a one-line :class:`~trustmae_lib.errors.TrustMAEError` on every rank (:meth:`Method.agree`).
+On CUDA the steps run under automatic mixed precision (bf16 where supported, else fp16 with a ``GradScaler``);
+losses are computed in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from trustmae_lib.config import Profile, RunSpec
+from trustmae_lib.engine.distributed import DistContext
+from trustmae_lib.engine.prepare import mix_seed
+from trustmae_lib.errors import TrustMAEError
+
+#: Adam betas of the adversarial training (reading: the hinge-GAN / pix2pixHD setting).
+GAN_BETAS = (0.5, 0.999)
+
+
+def build_models(spec: RunSpec, profile: Profile) -> dict[str, nn.Module]:
+    """The networks of ``spec.method`` (seed the RNG first for a reproducible initialisation).
+
+    Returns:
+        ``{"model": auto-encoder}`` plus ``"discriminator"`` for the TrustMAE methods.
+    """
+    if spec.method == "patchcore":
+        raise TrustMAEError(
+            "patchcore has nothing to train; score it with trustmae_lib.model.patchcore.evaluate_patchcore or a sweep"
+        )
+    if spec.is_trustmae:
+        from trustmae_lib.model.discriminator import Discriminator
+        from trustmae_lib.model.trustmae import TrustMAE
+
+        overrides = spec.reading_overrides("model")  # an alternative reading (config.READINGS), if any
+        model = TrustMAE.from_profile(profile, trust_region=spec.method == "trustmae", **overrides)
+        return {"model": model, "discriminator": Discriminator(width=profile.width)}
+    from trustmae_lib.model.baselines import get_baseline
+
+    return {"model": get_baseline(spec.method).build(profile)}
+
+
+@torch.no_grad()
+def init_memory_from_features(model: nn.Module, images: Tensor, seed: int = 0) -> None:
+    """Set TrustMAE's memory slots to random encoder features of ``images`` (*reading*, ``memory_init``).
+
+    The slots of :class:`~trustmae_lib.model.memory.MemoryModule` start uniform in ``+-1/sqrt(C)`` (MemAE's code), far
+    from the encoder's features in Euclidean distance; Adam moves each coordinate by about ``lr`` per step, so
+    the trust region (a Euclidean radius around the nearest slot) would compare features with slots that never
+    reach them. Starting from features puts the slots among the data. The encoder runs in training mode (batch
+    statistics, as in the first step); its batch-norm buffers are restored afterwards.
+
+    Args:
+        model: a :class:`~trustmae_lib.model.trustmae.TrustMAE` with a memory.
+        images: ``(B, 3, H, W)`` in [-1, 1].
+        seed: seeds the choice of feature vectors.
+    """
+    if getattr(model, "memory", None) is None:
+        return
+    buffers = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    was_training = model.encoder.training
+    model.encoder.train()
+    z = model.encoder(images)  # (B, C, h, w)
+    model.encoder.load_state_dict(buffers)
+    model.encoder.train(was_training)
+    model.memory.init_from_features(z, generator=torch.Generator().manual_seed(mix_seed(seed, 0x3E3)))
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module, images: Tensor, batch_size: int, crop: int | None = None, seed: int = 0
+) -> int:
+    """Recompute every batch-norm running mean / variance with the final weights (engineering, not the paper).
+
+    During training the statistics are exponential averages over the last ~10 steps (momentum 0.1) of networks
+    that keep changing; TrustMAE's slots move fast under ``L_trust``, so at the end the averages describe
+    earlier decoders and the evaluation-mode network reconstructs every image as the same mean texture (measured
+    at the ``cpu`` profile on brick: reconstruction std across images 0.003 in evaluation mode, 0.095 in
+    training mode; 0.098 after this pass). Here the statistics are reset and re-estimated as plain (cumulative)
+    averages over the whole training set in batches of ``batch_size``, un-augmented -- the same idea as
+    :func:`torch.optim.swa_utils.update_bn`. Only batch-norm layers switch to training mode, so nothing else
+    (the trust-region history, dropout) is touched.
+
+    Args:
+        model: the auto-encoder; a model without batch norm is left as it is.
+        images: ``(N, 3, S, S)`` training images in [-1, 1] (on the model's device).
+        batch_size: images per forward pass (the training batch size: batch statistics as in training).
+        crop: random crops of this side (texture baselines), drawn from a generator seeded by ``seed``.
+
+    Returns:
+        The number of batch-norm layers recalibrated.
+    """
+    from trustmae_lib.model.baselines import random_crops
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms or images.shape[0] == 0:
+        return 0
+    was_training = model.training
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+        m.train()
+    gen = torch.Generator().manual_seed(mix_seed(seed, 0xBA7C))
+    try:
+        for chunk in images.split(batch_size):
+            if chunk.shape[0] < 2:  # batch norm needs two samples; a last single image adds nothing
+                continue
+            if crop is not None:
+                chunk = random_crops(chunk, crop, generator=gen)
+            model(chunk)
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.train(was_training)
+    return len(norms)
+
+
+def check_finite(values: dict[str, float], step: int) -> TrustMAEError | None:
+    """The error for the first NaN/inf value, or ``None``."""
+    for name, value in values.items():
+        if not math.isfinite(value):
+            return TrustMAEError(
+                f"loss term '{name}' is {value} at step {step} -- lower the learning rate or check the input"
+            )
+    return None
+
+
+class Method:
+    """What differs between methods: the optimisers and one training step."""
+
+    def __init__(
+        self,
+        spec: RunSpec,
+        profile: Profile,
+        models: dict[str, nn.Module],
+        wrapped: dict[str, nn.Module],
+        device: torch.device,
+        amp_dtype: torch.dtype | None,
+        ddp: DistContext | None = None,
+    ):
+        self.spec, self.profile, self.models, self.wrapped = spec, profile, models, wrapped
+        self.device, self.amp_dtype, self.ddp = device, amp_dtype, ddp
+        use_scaler = amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler) if use_scaler else None
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def backward_step(self, loss: Tensor, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)
+        else:
+            loss.backward()
+            optimizer.step()
+
+    def end_step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.update()
+
+    def agree(self, error: TrustMAEError | None) -> None:
+        """Raise ``error`` -- on every rank if any rank has one, so that no rank waits in a collective backward."""
+        if self.ddp is not None and self.ddp.active:
+            flag = torch.tensor([float(error is not None)], device=self.device if self.device.type == "cuda" else "cpu")
+            dist.all_reduce(flag)
+            if error is None and flag.item() > 0:
+                error = TrustMAEError("another rank hit a NaN/inf loss (see its message)")
+        if error is not None:
+            raise error
+
+    optimizers: dict[str, torch.optim.Optimizer]
+    backbone_info: dict
+
+    def step(self, x: Tensor, step: int) -> dict[str, float]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class TrustMAEMethod(Method):
+    """Alternating hinge-GAN training of the memory auto-encoder (Eq. 9, 13, 14, 15)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from trustmae_lib.config import LossWeights
+        from trustmae_lib.model.perceptual import build_backbone
+
+        self.backbone = build_backbone(self.profile.backbone).to(self.device)
+        self.backbone_info = {"name": self.backbone.name, "weights_source": self.backbone.weights_source}
+        self.weights = LossWeights(**self.spec.reading_overrides("loss"))
+        self.optimizers = {
+            "model": torch.optim.Adam(self.models["model"].parameters(), lr=self.profile.lr, betas=GAN_BETAS),
+            "discriminator": torch.optim.Adam(
+                self.models["discriminator"].parameters(), lr=self.profile.lr_disc, betas=GAN_BETAS
+            ),
+        }
+
+    def step(self, x: Tensor, step: int) -> dict[str, float]:
+        from trustmae_lib.model.losses import (
+            feature_matching_loss,
+            generator_loss,
+            hinge_d_loss,
+            hinge_g_loss,
+            perceptual_loss,
+            reconstruction_loss,
+            ssim_loss,
+        )
+
+        gen, disc = self.wrapped["model"], self.wrapped["discriminator"]
+        disc_raw = self.models["discriminator"]
+        b = x.shape[0]
+        with self.autocast():
+            out = gen(x)
+        recon = out.recon.float()
+
+        # Discriminator step, Eq. 13, on real x and the detached reconstruction (one forward: same batch stats).
+        disc_raw.requires_grad_(True)
+        with self.autocast():
+            logits, _ = disc(torch.cat([x, recon.detach().to(x.dtype)]))
+        real_logits, fake_logits = logits.float().split(b)
+        d_loss = hinge_d_loss(real_logits, fake_logits)
+        self.agree(check_finite({"disc": float(d_loss.detach())}, step))
+        self.backward_step(d_loss, self.optimizers["discriminator"])
+
+        # Generator step, Eq. 9 (D frozen, called unwrapped so its DDP reducer is not involved).
+        disc_raw.requires_grad_(False)
+        with self.autocast():
+            logits, feats = disc_raw(torch.cat([x, recon.to(x.dtype)]))
+            with torch.no_grad():
+                feats_x = self.backbone(x)
+            feats_r = self.backbone(recon.to(x.dtype))
+        fake_logits = logits.float()[b:]
+        real_feats = [f.float()[:b] for f in feats]
+        fake_feats = [f.float()[b:] for f in feats]
+        xf = x.float()
+        terms = {
+            "rec": reconstruction_loss(xf, recon),  # Eq. 10
+            "sm": ssim_loss(xf, recon),  # Eq. 11
+            "vgg": perceptual_loss(
+                [f.float() for f in feats_x], [f.float() for f in feats_r], self.backbone.layer_weights
+            ),  # Eq. 12
+            "gan": hinge_g_loss(fake_logits),  # Eq. 14
+            "feat": feature_matching_loss(real_feats, fake_feats),  # Eq. 15
+            "margin": out.losses["margin"].float(),
+            "trust": out.losses["trust"].float(),
+        }
+        try:
+            total, log = generator_loss(terms, self.weights, step=step)  # Eq. 9; raises on NaN / inf
+            failure = None
+        except TrustMAEError as err:
+            failure = err
+        self.agree(failure)
+        self.backward_step(total, self.optimizers["model"])
+        disc_raw.requires_grad_(True)
+        self.end_step()
+        return {
+            "disc": float(d_loss.detach()),
+            **log,
+            "entropy": float(out.losses["entropy"].detach()),
+            **{k: float(v) for k, v in out.stats.items()},
+        }
+
+
+class BaselineMethod(Method):
+    """Plain reconstruction training of a Table-4 baseline (supplement §B)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from trustmae_lib.model.baselines import get_baseline
+
+        self.baseline = get_baseline(self.spec.method)
+        self.backbone_info = {"name": None, "weights_source": "not used (scored by its residual map)"}
+        self.optimizers = {"model": self.baseline.optimizer(self.models["model"])}
+
+    def step(self, x: Tensor, step: int) -> dict[str, float]:
+        with self.autocast():
+            out = self.wrapped["model"](x)
+        out = out._replace(recon=out.recon.float(), weights=None if out.weights is None else out.weights.float())
+        loss, log = self.baseline.loss(x.float(), out)
+        self.agree(check_finite(log, step))
+        self.backward_step(loss, self.optimizers["model"])
+        self.end_step()
+        return dict(log)
