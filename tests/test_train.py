@@ -321,3 +321,28 @@ def test_channels_last_training_on_the_cpu_is_keyed_apart_and_agrees_up_to_round
             assert (pa[key] - pb[key]).abs().max() <= 2 * lr + 2e-5, f"{name}.{key}"  # + init rounding
     with pytest.raises(TrustMAEError, match="trains nothing"):
         RunSpec(method="patchcore", channels_last=True)
+
+
+def test_a_run_trains_and_scores_with_its_own_thread_count_whatever_the_process_uses(tmp_path):
+    from trustmae_lib.engine.evaluate import evaluate
+    from trustmae_lib.io import read_json
+
+    spec = RunSpec(method="trustmae", category="widget", steps=2)
+    assert spec.threads == 1 and run_dir_for(spec).name.split("-")[-2] == "s0"  # default: unkeyed, no suffix
+    before = torch.get_num_threads()
+    runs = {}
+    try:
+        for process_threads in (1, 2):  # the caller's setting must not reach the run's arithmetic
+            torch.set_num_threads(process_threads)
+            runs[process_threads] = fit(spec, tmp_path / f"p{process_threads}", progress=False)
+            assert torch.get_num_threads() == process_threads  # restored after the run
+            result = evaluate(runs[process_threads].run_dir)
+            assert result["platform"]["threads"] == 1 and torch.get_num_threads() == process_threads
+            assert read_json(runs[process_threads].run_dir / "run.json")["platform"]["threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+    _same_weights(runs[1].models, runs[2].models)
+    two = RunSpec(method="trustmae", category="widget", steps=2, threads=2)
+    assert two.config_hash() != spec.config_hash() and run_dir_for(two).name.split("-")[-2] == "t2"
+    with pytest.raises(TrustMAEError, match="threads"):
+        RunSpec(threads=0)

@@ -154,7 +154,8 @@ def _spec_from_args(args: argparse.Namespace):
     return RunSpec(dataset=dataset, category=args.category, noise_ratio=ratio, protocol=args.protocol,
                    method=args.method, profile=args.profile, seed=args.seed, backbone=args.backbone or "",
                    steps=args.steps, reading=args.reading or "",
-                   channels_last=bool(getattr(args, "channels_last", False)))  # fmt: skip
+                   channels_last=bool(getattr(args, "channels_last", False)),
+                   threads=int(getattr(args, "threads", 1)))  # fmt: skip
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -226,6 +227,9 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="train in the channels-last layout on the CPU too (~1.15x faster; its own run folder)",
     )
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads the run trains and is scored with (default 1: reproducible; others are keyed "
+                        "apart, suffix -t<n>)")  # fmt: skip
     p.add_argument("--out", default="runs", help="parent folder of the run folders (default: runs)")
     p.add_argument("--resume", action="store_true", help="continue the run's checkpoint")
     p.add_argument("--evaluate", action="store_true", help="evaluate right after training (writes result.json)")

@@ -214,6 +214,10 @@ class RunSpec:
     # About 1.15x faster at the cpu profile (bench_train's step, sweep_time's cells); the weights differ from the
     # default NCHW run by float rounding, so such a run is keyed apart (own hash, run name suffix "-cl").
     channels_last: bool = False
+    # CPU threads the run trains and is scored with. The thread count changes the order of floating-point sums, so
+    # a result is reproducible only with its count: fixed per run (default 1, as every committed cell), recorded,
+    # and keyed when it is not the default (own hash, run name suffix "-t<n>").
+    threads: int = 1
 
     def __post_init__(self):
         if self.method not in ALL_METHODS:
@@ -229,6 +233,8 @@ class RunSpec:
         if self.reading and not self.is_trustmae:
             raise TrustMAEError(f"reading '{self.reading}' applies to trustmae and trustmae_no_tr, not "
                                 f"{self.method}; drop it")  # fmt: skip
+        if not isinstance(self.threads, int) or self.threads < 1:
+            raise TrustMAEError(f"threads must be a whole number >= 1, got {self.threads!r}; pass e.g. threads=1")
         if self.channels_last and self.method in REFERENCE_METHODS:
             raise TrustMAEError(f"channels_last is a training layout; {self.method} trains nothing -- drop it")
 
@@ -256,8 +262,10 @@ class RunSpec:
         from trustmae_lib import __version__
 
         # The library version and the Eq. 9 weights are part of the key: a changed default invalidates old runs.
-        # The default reading and layout are left out of the spec, so cells from before they existed keep their hash.
-        spec = {k: v for k, v in self.to_dict().items() if k not in ("reading", "channels_last") or v}
+        # The default reading, layout and thread count are left out of the spec, so cells from before they existed
+        # keep their hash.
+        defaults = {"reading": "", "channels_last": False, "threads": 1}
+        spec = {k: v for k, v in self.to_dict().items() if k not in defaults or v != defaults[k]}
         if self.reading:
             spec["reading_overrides"] = READINGS[self.reading]
         blob = json.dumps({"spec": spec, "profile": self.load_profile().to_dict(), "version": __version__,
@@ -274,7 +282,8 @@ class RunSpec:
         noise = f"n{round(self.noise_ratio * 100):02d}"
         name = f"{self.dataset}-{self.category}-{noise}-{self.protocol}-{self.method}-{self.profile}-s{self.seed}"
         name = f"{name}-{self.reading}" if self.reading else name
-        return f"{name}-cl" if self.channels_last else name
+        name = f"{name}-cl" if self.channels_last else name
+        return f"{name}-t{self.threads}" if self.threads != 1 else name
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import random
@@ -24,6 +25,17 @@ class RunContext:
             f"trustmae_lib {__version__} | torch {torch.__version__} | device {describe_device(self.device)} | "
             f"threads {self.threads} | seed {self.seed}"
         )
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """Run the block with ``threads`` intra-op CPU threads, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def seed_everything(seed: int) -> None:

@@ -51,9 +51,12 @@ from torch import Tensor
 
 from trustmae_lib import __version__
 from trustmae_lib.config import is_trustmae
-from trustmae_lib.engine.prepare import tensor_cache_dir
+from trustmae_lib.data.mvtec import IMAGE_EXTENSIONS, read_image, to_tensor
+from trustmae_lib.data.tensors import load_tensors
+from trustmae_lib.engine.prepare import load_train_tensors, prepare, tensor_cache_dir
+from trustmae_lib.engine.runs import load_trained
 from trustmae_lib.errors import TrustMAEError
-from trustmae_lib.io import atomic_write, write_json
+from trustmae_lib.io import atomic_write, read_json, write_json
 from trustmae_lib.model.distance import (
     global_perceptual_distance,
     perceptual_distance_map,
@@ -62,7 +65,8 @@ from trustmae_lib.model.distance import (
     smoothing_sigma,
 )
 from trustmae_lib.model.patchcore import PatchBank, anomaly_maps, patch_features
-from trustmae_lib.utils import pick_device, platform_info
+from trustmae_lib.model.perceptual import build_backbone
+from trustmae_lib.utils import pick_device, platform_info, torch_threads
 
 __all__ = [
     "VARIANTS",
@@ -389,47 +393,19 @@ def result_record(spec, profile, split, metrics: dict, labels, *, backbone: tupl
 
 
 def _train_images(trained, size: int) -> Tensor:
-    from trustmae_lib.engine.prepare import load_train_tensors
 
     return load_train_tensors(trained.spec, trained.profile, trained.index, trained.split, size)
 
 
 def _test_tensors(trained, size: int) -> tuple[Tensor, Tensor]:
     """Test images ``(N, 3, S, S)`` and masks ``(N, 1, S, S)`` of a trained run's split."""
-    from trustmae_lib.data.tensors import load_tensors
 
     cache = tensor_cache_dir(trained.spec, trained.index.root)
     return load_tensors(list(trained.split.test), size, cache_dir=cache, progress=False)
 
 
-def evaluate(
-    run_dir: str | Path,
-    variants: Sequence[str] | None = None,
-    device: str | None = None,
-    batch_size: int = 16,
-    spec=None,
-) -> dict:
-    """Score a finished run's test set and write ``result.json`` (and ``scores.csv``) into its folder.
-
-    For each variant: image ROC AUC, pixel ROC AUC (where the dataset has masks and the variant has a map), a
-    threshold fitted on the training scores only (:func:`fit_threshold`) and precision / recall / F1 / confusion
-    matrix on the test set at that threshold.
-
-    Args:
-        run_dir: a folder written by :func:`trustmae_lib.engine.train.train`.
-        variants: default all that apply to the method (:func:`default_variants`).
-        device: ``None`` -> CUDA if available, else CPU.
-        batch_size: images per forward pass.
-        spec: optional :class:`~trustmae_lib.config.RunSpec` the run must match.
-
-    Returns:
-        The result dict (also written atomically to ``<run_dir>/result.json``): ``metrics`` per variant plus the
-        provenance keys :data:`PROVENANCE_KEYS`.
-    """
-    from trustmae_lib.engine.runs import load_trained
-
-    t0 = time.perf_counter()
-    trained = load_trained(run_dir, spec=spec, device=device)
+def _score_run(trained, variants, batch_size: int, t0: float) -> tuple[dict, dict[str, np.ndarray]]:
+    """Every variant's metrics on the run's test set, and the result record (:func:`evaluate`)."""
     variants = _check_variants(trained.method, tuple(variants) if variants else default_variants(trained.method))
     size = trained.score_size
     test = list(trained.split.test)
@@ -457,8 +433,39 @@ def evaluate(
                "wall_s": float(meta.get("train_wall_s", 0.0)), "platform": meta.get("platform")},
         eval_wall_s=time.perf_counter() - t0, config_hash=meta.get("config_hash"),
     )  # fmt: skip
+    return result, per_image
+
+
+def evaluate(
+    run_dir: str | Path,
+    variants: Sequence[str] | None = None,
+    device: str | None = None,
+    batch_size: int = 16,
+    spec=None,
+) -> dict:
+    """Score a finished run's test set and write ``result.json`` (and ``scores.csv``) into its folder.
+
+    For each variant: image ROC AUC, pixel ROC AUC (where the dataset has masks and the variant has a map), a
+    threshold fitted on the training scores only (:func:`fit_threshold`) and precision / recall / F1 / confusion
+    matrix on the test set at that threshold.
+
+    Args:
+        run_dir: a folder written by :func:`trustmae_lib.engine.train.train`.
+        variants: default all that apply to the method (:func:`default_variants`).
+        device: ``None`` -> CUDA if available, else CPU.
+        batch_size: images per forward pass.
+        spec: optional :class:`~trustmae_lib.config.RunSpec` the run must match.
+
+    Returns:
+        The result dict (also written atomically to ``<run_dir>/result.json``): ``metrics`` per variant plus the
+        provenance keys :data:`PROVENANCE_KEYS`.
+    """
+    t0 = time.perf_counter()
+    trained = load_trained(run_dir, spec=spec, device=device)
+    with torch_threads(trained.spec.threads):  # the run's own thread count: its numbers depend on it
+        result, per_image = _score_run(trained, variants, batch_size, t0)
     run_dir = Path(run_dir)
-    _write_scores(run_dir / SCORES, test, trained.index.root, per_image)
+    _write_scores(run_dir / SCORES, list(trained.split.test), trained.index.root, per_image)
     write_json(run_dir / RESULT, result)
     return result
 
@@ -510,7 +517,6 @@ def format_result(result: dict) -> str:
 
 
 def _image_files(path: Path) -> list[Path]:
-    from trustmae_lib.data.mvtec import IMAGE_EXTENSIONS
 
     path = Path(path)
     if path.is_file():
@@ -555,10 +561,6 @@ def score_files(
     """
     from PIL import Image
 
-    from trustmae_lib.data.mvtec import read_image, to_tensor
-    from trustmae_lib.engine.runs import load_trained
-    from trustmae_lib.io import read_json
-
     files = _image_files(Path(path))
     trained = load_trained(run_dir, device=device)
     variant = variant or default_variants(trained.method)[0]
@@ -599,12 +601,13 @@ def evaluate_patchcore(spec, device: str | None = None, batch_size: int = 16) ->
     """Build the bank from ``spec``'s noisy training split, score its test set; a result dict like
     :func:`trustmae_lib.engine.evaluate.evaluate`'s (variant ``patch_knn``), with ``steps = 0`` (nothing is trained).
     """
-    from trustmae_lib.data.tensors import load_tensors
-    from trustmae_lib.engine.prepare import load_train_tensors, prepare
-    from trustmae_lib.model.perceptual import build_backbone
-
     if spec.method != "patchcore":
         raise TrustMAEError(f"evaluate_patchcore got method '{spec.method}'; pass a RunSpec with method='patchcore'")
+    with torch_threads(spec.threads):
+        return _patchcore_record(spec, device, batch_size)
+
+
+def _patchcore_record(spec, device, batch_size: int) -> dict:
     t0 = time.perf_counter()
     profile, index, split = prepare(spec)
     dev = pick_device(device)

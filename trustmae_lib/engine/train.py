@@ -67,7 +67,7 @@ from trustmae_lib.engine.runs import (
 )
 from trustmae_lib.errors import TrustMAEError
 from trustmae_lib.io import write_json
-from trustmae_lib.utils import pick_device, platform_info, seed_everything
+from trustmae_lib.utils import pick_device, platform_info, seed_everything, torch_threads
 
 __all__ = ["TrainingInterrupted", "FitResult", "train", "fit", "load_or_train"]
 
@@ -169,7 +169,8 @@ def fit(
     """:func:`train`, returning the networks as well (used by the DDP test and notebooks)."""
     ddp = init_distributed()
     try:
-        return _fit(spec, Path(out_dir), resume, progress, device, ddp)
+        with torch_threads(spec.threads):  # the run's own thread count (RunSpec.threads): recorded and keyed
+            return _fit(spec, Path(out_dir), resume, progress, device, ddp)
     finally:
         if ddp.owns_group and dist.is_initialized():
             dist.destroy_process_group()

@@ -261,7 +261,8 @@ def run_sweep(
 
     Args:
         config: the grid.
-        jobs: parallel worker processes on this machine (each gets ``cpu_count // jobs`` torch threads).
+        jobs: parallel worker processes on this machine (each run trains and scores with its own
+            ``RunSpec.threads``, default 1, whatever the worker count).
         shard: ``(i, n)``: only every n-th cell starting at i.
         progress: a tqdm bar over the cells with the estimated time left.
         device: ``None`` -> CUDA if available.
