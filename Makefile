@@ -12,7 +12,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 EXECUTED := $(patsubst notebooks/%,book/%,$(NOTEBOOKS))
 export PYTHONHASHSEED := 0
 
-.PHONY: all install book data notebooks html test lint format reproduce reproduce-textures readings sweep bench clean
+.PHONY: all install book data notebooks html test lint format dist reproduce reproduce-textures readings sweep bench clean
 
 all: book
 
@@ -55,6 +55,15 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -p no:cacheprovider tests
 	$(BIN)/pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env notebooks
+
+# A wheel and an sdist of trustmae_lib in $(DIST)/ (the wheel carries the profiles and the paper's tables): for a
+# machine without the checkout, e.g. Colab, upload dist/trustmae_lib-*.whl and `pip install` it there.
+DIST ?= dist
+BUILD_FLAGS ?=
+dist: $(STAMP)
+	rm -f $(DIST)/trustmae_lib-*.whl $(DIST)/trustmae_lib-*.tar.gz
+	$(PY) -m build $(BUILD_FLAGS) --outdir $(DIST) .
+	@ls $(DIST)/trustmae_lib-*
 
 # The embedded-default noise study (configs/sweep_cpu.yaml: synthetic widget + elpv mono) from scratch;
 # `make sweep` only fills in missing or stale cells of every committed sweep.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib.resources
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -24,8 +25,39 @@ import yaml
 
 from trustmae_lib.errors import TrustMAEError
 
-#: The repository's ``configs/`` folder (profiles ship with the checkout).
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _checkout_root() -> Path | None:
+    """The repository checkout the package is imported from (``pip install -e .`` or the checkout on ``sys.path``),
+    or ``None`` for an installed wheel (whose parent folder is ``site-packages``)."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() and (root / "configs" / "smoke.yaml").is_file() else None
+
+
+#: The root of the repository checkout the library runs from; ``None`` when it runs from an installed wheel.
+REPO_ROOT = _checkout_root()
+
+
+def shipped_dir(in_checkout: str, packaged: str) -> Path:
+    """A folder of files that ship with the library: ``<checkout>/<in_checkout>`` in a checkout, else the copy the
+    wheel carries as ``trustmae_lib/<packaged>`` (pyproject.toml maps the checkout's folder there)."""
+    if REPO_ROOT is not None:
+        return REPO_ROOT / in_checkout
+    return Path(str(importlib.resources.files("trustmae_lib") / packaged))
+
+
+def require_checkout(what: str, otherwise: str = "") -> Path:
+    """The checkout's root, or a one-line :class:`TrustMAEError` saying that ``what`` needs the checkout (and
+    ``otherwise``, what else would do)."""
+    if REPO_ROOT is None:
+        raise TrustMAEError(
+            f"{what} needs the repository checkout, but trustmae_lib runs from an installed wheel: clone your copy of "
+            "the repository and `pip install -e .` in it" + (f", or {otherwise}" if otherwise else "")
+        )
+    return REPO_ROOT
+
+
+#: The profiles and sweep files: the checkout's ``configs/``, or the copy inside an installed wheel.
+CONFIG_DIR = shipped_dir("configs", "_configs")
 PROFILES = ("smoke", "cpu", "paper")
 
 

@@ -1,8 +1,9 @@
-"""One setup call per chapter (d2l style): seeds, determinism, threads, figure style, device."""
+"""One setup call per chapter (d2l style): seeds, determinism, threads, figure style, device; and :func:`glue`."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import random
@@ -138,3 +139,34 @@ def setup(seed: int = 0, device: str | None = None, deterministic: bool = True, 
             }
         )
     return RunContext(seed=seed, device=pick_device(device), threads=torch.get_num_threads())
+
+
+@functools.cache
+def _myst_glue():
+    """myst-nb's ``glue`` when myst-nb is installed (the book's ``[dev]`` extra), else ``None``."""
+    try:
+        from myst_nb import glue
+    except ImportError:
+        return None
+    return glue
+
+
+def glue(name: str, variable, display: bool = True) -> None:
+    """Paste ``variable`` into the book under ``name``: myst-nb's ``glue`` where myst-nb is installed.
+
+    Without myst-nb (a notebook run with only the wheel, e.g. in Colab) there is no book to paste into, so the value
+    is only shown (``display=True``, through IPython where available) or dropped (``display=False``). myst-nb is a
+    documentation builder (Sphinx, docutils, SQLAlchemy, ...), so it stays in the ``[dev]`` extra.
+    """
+    myst = _myst_glue()
+    if myst is not None:
+        return myst(name, variable, display)
+    if not display:
+        return None
+    try:
+        from IPython.display import display as show
+    except ImportError:
+        print(variable)
+    else:
+        show(variable)
+    return None

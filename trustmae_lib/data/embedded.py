@@ -1,8 +1,9 @@
 """Where datasets live: the embedded ones (``synthetic``, ``elpv``) built on demand, or a user's MVTec AD folder.
 
 :func:`ensure_dataset` returns a dataset root: an embedded dataset is built under ``$TRUSTMAE_DATA`` (default
-``<repository>/data``) the first time, and rebuilt when its generator settings change; any other name is a folder
-in MVTec AD layout, checked by :func:`trustmae_lib.data.mvtec.list_categories`.
+``<repository>/data`` in a checkout, ``~/.cache/trustmae/data`` for an installed wheel) the first time, and rebuilt
+when its generator settings change; any other name is a folder in MVTec AD layout, checked by
+:func:`trustmae_lib.data.mvtec.list_categories`.
 
 Example:
     >>> root = ensure_dataset("synthetic", load_profile("cpu"))  # doctest: +SKIP
@@ -15,18 +16,29 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from trustmae_lib.config import REPO_ROOT
 from trustmae_lib.data.mvtec import list_categories, scan_category
 from trustmae_lib.errors import TrustMAEError
 
 EMBEDDED_DATASETS = ("synthetic", "elpv")
 
 
-#: Where embedded datasets are built: ``<repo>/data`` unless the environment sets ``TRUSTMAE_DATA``.
-DATA_DIR = Path(os.environ.get("TRUSTMAE_DATA", Path(__file__).resolve().parents[2] / "data"))
+def _default_data_dir() -> Path:
+    """``<repo>/data`` in a checkout; for an installed wheel ``$XDG_CACHE_HOME/trustmae/data`` (default
+    ``~/.cache/trustmae/data``): writable, the same whatever the current folder, and the data is rebuilt on demand."""
+    if REPO_ROOT is not None:
+        return REPO_ROOT / "data"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser() / "trustmae" / "data"
+
+
+#: Where embedded datasets are built: ``<repo>/data`` in a checkout, ``~/.cache/trustmae/data`` for an installed
+#: wheel, unless the environment sets ``TRUSTMAE_DATA``.
+DATA_DIR = Path(os.environ.get("TRUSTMAE_DATA") or _default_data_dir())
 
 
 def data_dir() -> Path:
-    """The folder embedded datasets are built in: ``$TRUSTMAE_DATA`` or ``<repo>/data`` (read per call)."""
+    """The folder embedded datasets are built in: ``$TRUSTMAE_DATA`` or :data:`DATA_DIR`'s default (read per call)."""
     env = os.environ.get("TRUSTMAE_DATA")
     return Path(env).expanduser() if env else DATA_DIR
 
@@ -60,10 +72,8 @@ def ensure_dataset(name: str | Path, profile, seed: int = 0) -> Path:
             return synthetic.generate_synthetic(root, profile, seed=seed)
         return elpv.write_elpv(root, profile, seed=seed)
     path = Path(name).expanduser()
-    if not path.exists() and not path.is_absolute():
-        from trustmae_lib.config import CONFIG_DIR
-
-        in_repo = CONFIG_DIR.parent / path  # sweep files name folders relative to the repository
+    if not path.exists() and not path.is_absolute() and REPO_ROOT is not None:
+        in_repo = REPO_ROOT / path  # sweep files name folders relative to the repository
         path = in_repo if in_repo.exists() else path
     if not path.exists():
         raise TrustMAEError(

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from trustmae_lib.config import PAPER_NOISE_RATIOS
+from trustmae_lib.config import PAPER_NOISE_RATIOS, shipped_dir
 from trustmae_lib.data.mvtec import MVTEC_CATEGORIES
 from trustmae_lib.errors import TrustMAEError
 
@@ -36,7 +36,8 @@ __all__ = [
     "check_means",
 ]
 
-PAPER_DIR = Path(__file__).resolve().parents[2] / "results" / "paper"
+#: The paper's tables: the checkout's ``results/paper/``, or the copy inside an installed wheel.
+PAPER_DIR = shipped_dir("results/paper", "_paper")
 PAPER_TABLES = {"table3": "table3_ablation.csv", "table4": "table4_baselines.csv"}
 # MVTec AD's 15 categories in alphabetical order: the columns of Tables 3 and 4 (garbled in the text).
 PAPER_CATEGORIES = MVTEC_CATEGORIES

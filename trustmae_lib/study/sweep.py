@@ -40,14 +40,17 @@ from trustmae_lib.config import (
     PROTOCOLS,
     READINGS,
     REFERENCE_METHODS,
+    REPO_ROOT,
     RunSpec,
     is_trustmae,
     read_config_file,
+    require_checkout,
 )
 from trustmae_lib.errors import TrustMAEError
 from trustmae_lib.io import read_json, write_json
 
-REPO = CONFIG_DIR.parent
+#: The checkout's root: sweep files name their folders relative to it (``None`` for an installed wheel).
+REPO = REPO_ROOT
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,11 @@ class SweepConfig:
 
 def _resolve(path: str) -> Path:
     p = Path(path).expanduser()
-    return p if p.is_absolute() else REPO / p
+    if p.is_absolute():
+        return p
+    if REPO is None:  # an installed wheel: relative folders would land in site-packages
+        require_checkout(f"the sweep folder '{path}'", "give absolute `results:` and `runs:` in the sweep file")
+    return REPO / p
 
 
 def load_sweep(name_or_path: str | Path) -> SweepConfig:
