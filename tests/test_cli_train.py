@@ -70,8 +70,8 @@ def test_score_folder_and_single_image(run_dir, tmp_path):
     assert [r["overlay"] for r in rows] == ["img0_overlay.png", "img1_overlay.png"]
     for r in rows:
         assert float(r["score"]) >= 0 and r["anomalous"] in ("0", "1")
-        with Image.open(out / r["overlay"]) as im:
-            assert im.size == (64, 64) and im.mode == "RGB"
+        with Image.open(out / r["overlay"]) as im:  # the input's own 80 x 80, a colour bar to the right
+            assert im.size[1] == 80 and im.size[0] > 80 and im.mode == "RGB"
     single = tmp_path / "single"
     assert main(["score", str(run_dir), str(folder / "img1.png"), "--out", str(single)]) == 0
     with open(single / "scores.csv", newline="") as handle:

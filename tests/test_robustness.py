@@ -17,7 +17,9 @@ the noise protocol (``tests/test_noise.py``); a NaN loss stops training with one
 checkpoint (``tests/test_train.py::test_nan_loss_stops_and_keeps_the_last_good_checkpoint``); an in-process
 Ctrl-C and resume (``tests/test_train.py::test_interrupt_then_resume_equals_uninterrupted``); a missing
 ``--dataset`` folder, a non-numeric ``--noise-ratio`` and unknown scoring variants
-(``tests/test_cli_train.py``).
+(``tests/test_cli_train.py``); a folder with only ``train/good`` (``evaluate`` and noise injection without test
+images), a bad ``--contamination``, ``--threshold`` or ``dataset.json``, and memory running out in a training step
+or in scoring (``tests/test_cli_practitioner.py``).
 """
 
 from __future__ import annotations

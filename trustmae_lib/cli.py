@@ -3,11 +3,17 @@
 Each command is a function that adds its sub-parser and sets ``func``; it is registered in
 :data:`COMMANDS` with :func:`command`, so later commands (train, evaluate, score, sweep) are one function
 each. Every :class:`~trustmae_lib.errors.TrustMAEError` is caught in :func:`main`: it prints
-``error: <message>`` on stderr and returns 2, without a traceback.
+``error: <message>`` on stderr and returns 2, without a traceback; so is memory running out anywhere (naming what
+to lower).
 
 Example:
     $ python -m trustmae_lib data synthetic --profile cpu --out data/cpu/synthetic
     $ python -m trustmae_lib data info data/cpu/synthetic
+
+Your own images (a folder ``parts/screw/train/good/*.png``, optionally ``test/`` and ``ground_truth/``):
+    $ trustmae train --dataset parts --category screw --contamination 0.05 --out runs
+    $ trustmae evaluate runs/parts-screw-n00-overlap-trustmae-cpu-s0-<hash>       # needs parts/screw/test/
+    $ trustmae score runs/parts-screw-n00-overlap-trustmae-cpu-s0-<hash> new_images/ --out scored
 """
 
 from __future__ import annotations
@@ -155,23 +161,46 @@ def _spec_from_args(args: argparse.Namespace):
                    method=args.method, profile=args.profile, seed=args.seed, backbone=args.backbone or "",
                    steps=args.steps, reading=args.reading or "",
                    channels_last=bool(getattr(args, "channels_last", False)),
-                   threads=int(getattr(args, "threads", 1)))  # fmt: skip
+                   threads=int(getattr(args, "threads", 1)), augment=getattr(args, "augment", "auto"))  # fmt: skip
+
+
+def _contamination(args: argparse.Namespace) -> float | None:
+    """``--contamination`` as a checked float, or ``None`` when not given."""
+    from trustmae_lib.config import check_contamination
+
+    text = getattr(args, "contamination", None)
+    return None if text is None else check_contamination(text)
+
+
+def _batch_size(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise TrustMAEError(f"--batch-size {args.batch_size} must be at least 1")
+    return args.batch_size
 
 
 def _train(args: argparse.Namespace) -> int:
     import os
 
     from trustmae_lib.engine.train import TrainingInterrupted, train
+    from trustmae_lib.io import read_json
 
     spec = _spec_from_args(args)
+    contamination = _contamination(args)
     main_rank = int(os.environ.get("RANK", "0")) == 0
     try:
-        run_dir = train(spec, args.out, resume=args.resume, progress=not args.no_progress, device=args.device)
+        run_dir = train(spec, args.out, resume=args.resume, progress=not args.no_progress, device=args.device,
+                        contamination=contamination)  # fmt: skip
     except TrainingInterrupted as stop:
         print(f"interrupted: {stop}", file=sys.stderr)
         return 130
     if main_rank:
+        info = read_json(run_dir / "run.json")
+        augment = info["augment"]
+        source = "given" if info["contamination_source"] == "given" else "= the injected noise ratio"
         print(f"trained {spec.method} on {Path(spec.dataset).name}/{spec.category}: {run_dir}")
+        print(f"  {info['n_train']} training images, {info['n_test']} test images; augmentation "
+              f"{'flips and 90-degree turns' if augment['applied'] else 'none'} ({augment['reason']}); "
+              f"assumed contamination {info['assumed_contamination']:.2f} ({source})")  # fmt: skip
         if args.evaluate:
             from trustmae_lib.engine.evaluate import evaluate, format_result
 
@@ -182,9 +211,9 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from trustmae_lib.engine.evaluate import evaluate, format_result
 
-    if args.batch_size < 1:
-        raise TrustMAEError(f"--batch-size {args.batch_size} must be at least 1")
-    result = evaluate(args.run_dir, variants=args.variants, device=args.device, batch_size=args.batch_size)
+    batch_size = _batch_size(args)
+    result = evaluate(args.run_dir, variants=args.variants, device=args.device, batch_size=batch_size,
+                      contamination=_contamination(args))  # fmt: skip
     print(format_result(result))
     print(f"wrote {Path(args.run_dir) / 'result.json'}")
     return 0
@@ -193,22 +222,72 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace) -> int:
     from trustmae_lib.engine.evaluate import score_files
 
+    threshold = None
+    if args.threshold is not None:
+        try:
+            threshold = float(args.threshold)
+        except ValueError:
+            raise TrustMAEError(f"--threshold {args.threshold!r} is not a number; pass e.g. --threshold 0.5") from None
+        if args.contamination is not None:
+            raise TrustMAEError("--threshold and --contamination both set the threshold; pass one of them")
     out = Path(args.out) if args.out else Path(args.run_dir) / "scored"
-    path = score_files(args.run_dir, args.path, out, variant=args.variant, device=args.device)
-    print(f"wrote {path} and heat-map overlays to {out}")
+    scored = score_files(args.run_dir, args.path, out, variant=args.variant, device=args.device,
+                         batch_size=_batch_size(args), threshold=threshold,
+                         contamination=_contamination(args))  # fmt: skip
+    applied = scored.threshold
+    print(f"threshold {applied['value']:.6g}: {applied['description']}")
+    print(f"wrote {scored.csv} (anomalous = score > threshold) and heat-map overlays to {out}")
     return 0
+
+
+_CONTAMINATION_HELP = ("assumed share of defective images in the training folder, 0..0.9; sets the decision "
+                       "threshold (quantile 1 - (R + 0.05) of the training scores)")  # fmt: skip
+
+
+def _train_epilog() -> str:
+    import textwrap
+
+    from trustmae_lib.data.mvtec import DATASET_JSON_KEYS
+
+    keys = "\n".join(
+        textwrap.fill(text, 116, initial_indent=f"    {key + ':':<19}", subsequent_indent=" " * 23)
+        for key, text in DATASET_JSON_KEYS.items()
+    )
+    return f"""\
+dataset folder (MVTec AD layout):
+  <root>/<category>/train/good/*.png                    required: the training images
+  <root>/<category>/test/<good|defect type>/*.png       optional: evaluate needs it; noise injection draws from it
+  <root>/<category>/ground_truth/<defect type>/<stem>_mask.png   optional: pixel metrics
+  <root>/dataset.json                                   optional, a JSON object; keys read (lists of categories):
+{keys}
+    e.g. {{"fixed_orientation": ["screw"], "textures": ["fabric"]}}
+
+--augment auto (default) follows the paper's rule: flips and 90-degree turns for every category except MVTec AD's
+cable, metal_nut and transistor and the categories dataset.json lists under fixed_orientation. "on" / "off" decide
+for the run (recorded in run.json; a run folder of its own, suffix -augon / -augoff).
+
+--contamination R (default: the --noise-ratio) is an evaluation setting: it is recorded in run.json and used by
+evaluate and score for the threshold, but it does not change the training or the run folder."""
 
 
 @command("train")
 def _register_train(sub: argparse._SubParsersAction) -> None:
-    from trustmae_lib.config import METHODS, PROTOCOLS, READINGS
+    from trustmae_lib.config import AUGMENT, METHODS, PROTOCOLS, READINGS
 
     p = sub.add_parser("train", help="train one run (TrustMAE, an ablation or a baseline)",
-                       description="Train one run into <out>/<run name>-<config hash>/ (checkpoint, log.csv, "
-                                   "manifest.json). Works under torchrun for DDP.")  # fmt: skip
+                       description="Train one run into <out>/<run name>-<config hash>/ (checkpoint.pt, log.csv, "
+                                   "manifest.json, run.json). Needs only <dataset>/<category>/train/good. Works "
+                                   "under torchrun for DDP.",
+                       epilog=_train_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--dataset", default="synthetic", help="'synthetic', 'elpv' or a folder in MVTec AD layout")
     p.add_argument("--category", default="brick", help="category folder name (default: brick)")
-    p.add_argument("--noise-ratio", default="0.0", help="defective fraction of the training set, 0..0.9 (default 0)")
+    p.add_argument("--noise-ratio", default="0.0",
+                   help="defective test images to inject into the training set (the noise study), as a fraction of "
+                        "it, 0..0.9 (default 0); needs test/<defect type> images")  # fmt: skip
+    p.add_argument("--contamination", default=None, metavar="R",
+                   help=_CONTAMINATION_HELP + " (default: the noise ratio)")  # fmt: skip
+    p.add_argument("--augment", default="auto", choices=AUGMENT,
+                   help="flips and 90-degree turns of the training images (default: auto, see below)")  # fmt: skip
     p.add_argument("--protocol", default="overlap", choices=PROTOCOLS, help="noise protocol (default: overlap)")
     p.add_argument("--method", default="trustmae", choices=METHODS, help="what to train (default: trustmae)")
     _add_profile(p)
@@ -242,8 +321,11 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
 def _register_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="score a trained run's test set and write result.json",
                        description="Image / pixel ROC AUC per scoring variant, a threshold fitted on training "
-                                   "scores, precision / recall / F1; writes RUN_DIR/result.json.")  # fmt: skip
+                                   "scores, precision / recall / F1; writes RUN_DIR/result.json and "
+                                   "RUN_DIR/scores.csv. Needs the run's test images (<category>/test/).")  # fmt: skip
     p.add_argument("run_dir", help="a run folder written by 'train'")
+    p.add_argument("--contamination", default=None, metavar="R",
+                   help=_CONTAMINATION_HELP + " (default: the run's, see its run.json)")  # fmt: skip
     p.add_argument("--variants", nargs="+", metavar="V",
                    help="perceptual pixel global (TrustMAE) or residual (baselines); default: all")  # fmt: skip
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: CUDA if available)")
@@ -254,11 +336,20 @@ def _register_evaluate(sub: argparse._SubParsersAction) -> None:
 @command("score")
 def _register_score(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("score", help="score an image or a folder of images with a trained run",
-                       description="Writes scores.csv and <stem>_overlay.png heat maps into --out.")  # fmt: skip
+                       description="Writes scores.csv (image, score, threshold, anomalous = score > threshold, "
+                                   "overlay, variant, threshold_source, assumed_contamination, width, height) and "
+                                   "<stem>_overlay.png heat maps at each image's own size, with a colour bar, into "
+                                   "--out. The threshold: --threshold T if given; else fitted on the run's training "
+                                   "images at --contamination R if given; else the one in RUN_DIR/result.json, or "
+                                   "fitted at the run's assumed contamination (run.json). It is printed.")  # fmt: skip
     p.add_argument("run_dir", help="a run folder written by 'train'")
     p.add_argument("path", help="an image file or a folder of images")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/scored)")
+    p.add_argument("--threshold", default=None, metavar="T", help="apply this score threshold")
+    p.add_argument("--contamination", default=None, metavar="R",
+                   help=_CONTAMINATION_HELP + " (default: the run's)")  # fmt: skip
     p.add_argument("--variant", default=None, help="scoring variant (default: perceptual / residual)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: CUDA if available)")
     p.set_defaults(func=_score)
 
@@ -332,3 +423,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves first and says so itself)
         print("interrupted", file=sys.stderr)
         return 130
+    except (RuntimeError, MemoryError) as exc:  # out of memory outside a training step or scoring (they name more)
+        from trustmae_lib.utils import is_out_of_memory
+
+        if not is_out_of_memory(exc):
+            raise
+        message = TrustMAEError(f"out of memory ({str(exc).splitlines()[0][:120]}); lower --batch-size, or the "
+                                "profile's batch_size / image_size (--profile FILE.yaml)")  # fmt: skip
+        print(f"error: {message}", file=sys.stderr)
+        return 2

@@ -203,6 +203,26 @@ def is_trustmae(method: str) -> bool:
 
 
 PROTOCOLS = ("overlap", "disjoint")
+#: ``RunSpec.augment`` / ``trustmae train --augment``: flips and quarter turns of the training images. ``auto``: every
+#: category except MVTec AD's fixed-orientation ones and those a ``dataset.json`` lists under ``fixed_orientation``.
+AUGMENT = ("auto", "on", "off")
+#: Largest assumed contamination (the threshold is the ``1 - (contamination + margin)`` quantile of training scores).
+MAX_CONTAMINATION = 0.9
+
+
+def check_contamination(value) -> float:
+    """The assumed defective share of a training folder as a float in [0, 0.9]; a one-line error otherwise."""
+    try:
+        share = float(value)
+    except (TypeError, ValueError):
+        raise TrustMAEError(f"contamination {value!r} is not a number; pass the assumed defective share of the "
+                            "training images, e.g. 0.05 for 5 %") from None  # fmt: skip
+    if not 0.0 <= share <= MAX_CONTAMINATION:  # also refuses nan
+        raise TrustMAEError(f"contamination {value} is outside [0, {MAX_CONTAMINATION}]; pass the assumed defective "
+                            "share of the training images, e.g. 0.05 for 5 %")  # fmt: skip
+    return share
+
+
 #: The noise levels of supplement Tables 3 and 4.
 PAPER_NOISE_RATIOS = (0.05, 0.10, 0.15, 0.20, 0.30, 0.40)
 
@@ -250,6 +270,10 @@ class RunSpec:
     # a result is reproducible only with its count: fixed per run (default 1, as every committed cell), recorded,
     # and keyed when it is not the default (own hash, run name suffix "-t<n>").
     threads: int = 1
+    # Flips and quarter turns of the training images (and of the noise protocol's re-draws): "auto" (the supplement's
+    # rule: none for fixed-orientation categories, see trustmae_lib.engine.prepare.augmentation), "on" or "off".
+    # It changes the trained network, so it is keyed when not "auto" (own hash, run name suffix "-aug<on|off>").
+    augment: str = "auto"
 
     def __post_init__(self):
         if self.method not in ALL_METHODS:
@@ -267,6 +291,8 @@ class RunSpec:
                                 f"{self.method}; drop it")  # fmt: skip
         if not isinstance(self.threads, int) or self.threads < 1:
             raise TrustMAEError(f"threads must be a whole number >= 1, got {self.threads!r}; pass e.g. threads=1")
+        if self.augment not in AUGMENT:
+            raise TrustMAEError(f"unknown augment setting {self.augment!r}; choose one of {', '.join(AUGMENT)}")
         if self.channels_last and self.method in REFERENCE_METHODS:
             raise TrustMAEError(f"channels_last is a training layout; {self.method} trains nothing -- drop it")
 
@@ -294,9 +320,9 @@ class RunSpec:
         from trustmae_lib import __version__
 
         # The library version and the Eq. 9 weights are part of the key: a changed default invalidates old runs.
-        # The default reading, layout and thread count are left out of the spec, so cells from before they existed
-        # keep their hash.
-        defaults = {"reading": "", "channels_last": False, "threads": 1}
+        # The default reading, layout, thread count and augmentation are left out of the spec, so cells from before
+        # they existed keep their hash.
+        defaults = {"reading": "", "channels_last": False, "threads": 1, "augment": "auto"}
         spec = {k: v for k, v in self.to_dict().items() if k not in defaults or v != defaults[k]}
         if self.reading:
             spec["reading_overrides"] = READINGS[self.reading]
@@ -315,6 +341,7 @@ class RunSpec:
         name = f"{self.dataset}-{self.category}-{noise}-{self.protocol}-{self.method}-{self.profile}-s{self.seed}"
         name = f"{name}-{self.reading}" if self.reading else name
         name = f"{name}-cl" if self.channels_last else name
+        name = f"{name}-aug{self.augment}" if self.augment != "auto" else name
         return f"{name}-t{self.threads}" if self.threads != 1 else name
 
 

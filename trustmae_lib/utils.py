@@ -39,6 +39,20 @@ def torch_threads(threads: int):
         torch.set_num_threads(before)
 
 
+#: Messages of the allocators' ``RuntimeError`` when memory runs out (CPU on Linux / Windows, other backends).
+_OOM_MESSAGES = ("can't allocate memory", "cannot allocate memory", "could not allocate", "not enough memory",
+                 "out of memory")  # fmt: skip
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` means that memory ran out: ``torch.OutOfMemoryError`` (``torch.cuda.OutOfMemoryError`` is the
+    same class), ``MemoryError``, or a ``RuntimeError`` whose message says an allocation failed (the CPU allocator's
+    "DefaultCPUAllocator: can't allocate memory ...")."""
+    if isinstance(exc, (torch.OutOfMemoryError, torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MESSAGES)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)

@@ -9,9 +9,17 @@ layout too, so one reader serves them and a user's MVTec AD folder. *Readings* m
 Layout read by :func:`scan_category`::
 
     <root>/<category>/train/good/*.png
-    <root>/<category>/test/<defect type or good>/*.png
+    <root>/<category>/test/<defect type or good>/*.png             (optional: needed to evaluate, and to inject noise)
     <root>/<category>/ground_truth/<defect type>/<stem>_mask.png   (optional for the whole category)
-    <root>/dataset.json                                           (optional: {"fixed_orientation": [...]})
+    <root>/dataset.json                                           (optional, see DATASET_JSON_KEYS)
+
+``dataset.json`` is a JSON object; the reader uses two keys (:data:`DATASET_JSON_KEYS`), each a list of category
+folder names, and ignores the rest (the embedded generators record their settings there):
+
+* ``fixed_orientation`` -- categories trained without flips and rotations (added to MVTec AD's cable, metal_nut and
+  transistor); ``trustmae train --augment on|off`` overrides the rule per run;
+* ``textures`` -- texture categories (added to MVTec AD's five): the AE-L2 / AE-SSIM baselines train on crops of
+  them and score them with sliding windows.
 
 Example:
     >>> index = scan_category("data/cpu/synthetic", "widget")  # doctest: +SKIP
@@ -68,6 +76,13 @@ MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
 FIXED_ORIENTATION = frozenset({"cable", "metal_nut", "transistor"})
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+#: The keys of ``<root>/dataset.json`` the reader uses, each a list of category names, and what they do.
+DATASET_JSON_KEYS = {
+    "fixed_orientation": "categories trained without flips and rotations (besides MVTec AD's cable, metal_nut, "
+    "transistor)",
+    "textures": "texture categories (besides MVTec AD's five): AE-L2 / AE-SSIM train on crops and score with sliding "
+    "windows",
+}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -100,7 +115,8 @@ class CategoryIndex:
         root: the dataset root (the folder holding the category folders), absolute.
         category: the category folder name.
         train: normal training images (``train/good``), sorted by file name.
-        test: test images (``test/*``), sorted by defect type then file name.
+        test: test images (``test/*``), sorted by defect type then file name; empty when the category has no
+            ``test/`` folder (training needs only ``train/good``).
         fixed_orientation: True -> no flips/rotations during training (supplement).
         has_masks: the category has a ``ground_truth/`` folder (pixel labels); False for image-level sets.
     """
@@ -198,6 +214,11 @@ def dataset_info(root: str | Path) -> dict:
         raise TrustMAEError(f"{path} is not valid JSON ({exc}); fix or delete it") from None
     if not isinstance(info, dict):
         raise TrustMAEError(f"{path} must hold a JSON object; fix or delete it")
+    for key in DATASET_JSON_KEYS:
+        value = info.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise TrustMAEError(f"{path}: key '{key}' must be a list of category names, e.g. [\"part\"], got "
+                                f"{json.dumps(value)}; fix or delete it")  # fmt: skip
     return info
 
 
@@ -206,7 +227,8 @@ def scan_category(root: str | Path, category: str) -> CategoryIndex:
 
     Masks are matched by name (``test/<d>/<stem>.png`` -> ``ground_truth/<d>/<stem>_mask.png``). A defective
     image without a mask is allowed only when the category has no ``ground_truth/`` folder at all (image-level
-    datasets such as elpv).
+    datasets such as elpv). The ``test/`` folder is optional: without it the index has no test images (enough to
+    train at noise ratio 0 and to score files; evaluating needs test images).
 
     Args:
         root: the dataset root.
@@ -214,8 +236,8 @@ def scan_category(root: str | Path, category: str) -> CategoryIndex:
 
     Raises:
         TrustMAEError: missing root or folder (the message names it), unknown category (with the closest
-            names), empty ``train/good``, no test images, a defect image without its mask, a mask without its
-            image, or a file outside the root.
+            names), empty ``train/good``, a ``test/`` folder without images, a defect image without its mask, a
+            mask without its image, or a file outside the root.
     """
     root = _check_root(root)
     if not category or Path(category).name != category or category in (".", ".."):
@@ -227,12 +249,12 @@ def scan_category(root: str | Path, category: str) -> CategoryIndex:
         hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else f"known: {', '.join(known)}"
         raise TrustMAEError(f"unknown category {category!r}: {folder} does not exist; {hint}")
     folder = _inside(folder, root)
-    for needed in (folder / "train" / "good", folder / "test"):
-        if not needed.is_dir():
-            raise TrustMAEError(
-                f"{root} is not in MVTec AD layout: {needed} does not exist; create it (layout "
-                "<category>/train/good, <category>/test/<defect>, <category>/ground_truth/<defect>)"
-            )
+    needed = folder / "train" / "good"
+    if not needed.is_dir():
+        raise TrustMAEError(
+            f"{root} is not in MVTec AD layout: {needed} does not exist; create it (layout "
+            "<category>/train/good, optionally <category>/test/<defect> and <category>/ground_truth/<defect>)"
+        )
 
     train_files = [_inside(p, root) for p in _images_in(folder / "train" / "good")]
     if not train_files:
@@ -250,7 +272,8 @@ def scan_category(root: str | Path, category: str) -> CategoryIndex:
 
     test: list[Sample] = []
     used: set[tuple[str, str]] = set()
-    for sub in _subdirs(folder / "test"):
+    test_dir = folder / "test"
+    for sub in _subdirs(test_dir) if test_dir.is_dir() else []:
         label = 0 if sub.name == "good" else 1
         for p in _images_in(sub):
             key = (sub.name, p.stem)
@@ -271,8 +294,9 @@ def scan_category(root: str | Path, category: str) -> CategoryIndex:
             f"mask {mask} has no image {folder / 'test' / orphans[0][0] / orphans[0][1]}.*; "
             f"add the image or delete the mask ({len(orphans)} orphan mask(s) in {gt_dir})"
         )
-    if not test:
-        raise TrustMAEError(f"{folder / 'test'} holds no images; add test/good and test/<defect> images")
+    if not test and test_dir.is_dir():
+        raise TrustMAEError(f"{test_dir} holds no images; add test/good and test/<defect> images, or remove the "
+                            "empty folder to train without a test set")  # fmt: skip
 
     fixed = set(FIXED_ORIENTATION) | set(dataset_info(root).get("fixed_orientation", ()))
     return CategoryIndex(root, category, train, tuple(test), category in fixed, has_masks)

@@ -270,7 +270,10 @@ def inject_noise(index: CategoryIndex, ratio: float, protocol: str = "overlap", 
         supplement's Table 4 toothbrush AUCs are multiples of 1/360 (12 good x 30 defective test images) at
         every noise level, so the full test set was scored.
         ``disjoint``: the injected originals are removed from the test set; an error if that would leave no
-        defective or no normal test image.
+        defective or no normal test image (a category without any test images trains under either protocol at
+        ratio 0).
+
+    At ratio 0 nothing is injected and the category needs no test images at all (a ``train/good``-only folder).
 
     Args:
         index: the category's files (normal training images only in ``index.train``).
@@ -300,7 +303,11 @@ def inject_noise(index: CategoryIndex, ratio: float, protocol: str = "overlap", 
     d = defect_count(n_good, ratio)
     pool = tuple(index.test_defective)
     if d > 0 and not pool:
-        raise TrustMAEError(f"{index.category}: no defective test images to inject at noise ratio {ratio}; use ratio 0")
+        where = index.root / index.category / "test"
+        raise TrustMAEError(
+            f"{index.category}: no defective test images ({where}/<defect type>/) to inject at noise ratio {ratio}; "
+            "use noise ratio 0 (for a training folder that already holds defects, pass --contamination instead)"
+        )
     picks = _draw(pool, d, seed)
     injected = tuple(TrainItem(pool[i], k) for i, k in picks)
     n_redrawn = sum(1 for _, k in picks if k > 0)
@@ -311,6 +318,7 @@ def inject_noise(index: CategoryIndex, ratio: float, protocol: str = "overlap", 
         moved = {pool[i] for i, _ in picks}
         test = tuple(s for s in index.test if s not in moved)
         missing = [name for name, lab in (("defective", 1), ("normal", 0)) if not any(s.label == lab for s in test)]
+        missing = missing if index.test else []  # no test set at all (train/good only): nothing to keep apart
         if missing:
             raise TrustMAEError(
                 f"{index.category}: protocol 'disjoint' at noise ratio {ratio} ({d} defects, pool "

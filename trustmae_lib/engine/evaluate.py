@@ -26,11 +26,13 @@ the comparison is between the maps).
 **Threshold** (engineering; the paper reports only AUC). A decision threshold may use only training-side data.
 The training set is contaminated: a fraction ``r`` of it is defective, and those images -- if the model works --
 carry the highest training scores. We therefore set the threshold at the ``1 - (r + 0.05)`` quantile of the
-*training* scores (``r`` = the run's noise ratio, the 0.05 margin absorbing defects the model reconstructs well
-and the spread of the normal scores), i.e. the 95th percentile of normal-looking training images at ``r = 0``.
-Training scores come from the un-augmented training images, which the model has seen, so they are slightly
-optimistic; precision, recall, F1 and the confusion matrix on the test set show what that threshold gives.
-The test scores never enter the threshold.
+*training* scores (the 0.05 margin absorbing defects the model reconstructs well and the spread of the normal
+scores), i.e. the 95th percentile of normal-looking training images at ``r = 0``. ``r`` is the **assumed
+contamination** of the training set: by default the run's injected noise ratio (the noise study knows it); a user
+whose own training folder already holds an unknown share of defects states it with ``contamination``
+(``trustmae train|evaluate|score --contamination R``, :func:`resolve_contamination`). Training scores come from the
+un-augmented training images, which the model has seen, so they are slightly optimistic; precision, recall, F1 and
+the confusion matrix on the test set show what that threshold gives. The test scores never enter the threshold.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, r
 from torch import Tensor
 
 from trustmae_lib import __version__
-from trustmae_lib.config import is_trustmae
+from trustmae_lib.config import check_contamination, is_trustmae
 from trustmae_lib.data.mvtec import IMAGE_EXTENSIONS, read_image, to_tensor
 from trustmae_lib.data.tensors import load_tensors
 from trustmae_lib.engine.prepare import load_train_tensors, prepare, tensor_cache_dir
@@ -66,7 +68,7 @@ from trustmae_lib.model.distance import (
 )
 from trustmae_lib.model.patchcore import PatchBank, anomaly_maps, patch_features
 from trustmae_lib.model.perceptual import build_backbone
-from trustmae_lib.utils import pick_device, platform_info, torch_threads
+from trustmae_lib.utils import is_out_of_memory, pick_device, platform_info, torch_threads
 
 __all__ = [
     "VARIANTS",
@@ -76,6 +78,12 @@ __all__ = [
     "image_auroc",
     "pixel_auroc",
     "fit_threshold",
+    "resolve_contamination",
+    "score_threshold",
+    "overlay",
+    "overlay_with_colorbar",
+    "score_files",
+    "ScoredFiles",
     "threshold_metrics",
     "default_variants",
     "score",
@@ -86,7 +94,7 @@ __all__ = [
 
 #: Scoring variants of TrustMAE models (Table 3): full, w/o PD, w/o SP. Baselines have only ``residual``.
 VARIANTS = ("perceptual", "pixel", "global")
-#: Added to the known noise ratio when fitting the threshold (see the module docstring).
+#: Added to the assumed contamination when fitting the threshold (see the module docstring).
 THRESHOLD_MARGIN = 0.05
 #: Pixel AUC uses at most this many pixels (a seeded subsample beyond it).
 PIXEL_AUC_MAX = 4_000_000
@@ -120,6 +128,13 @@ class Scores(NamedTuple):
     anomaly_maps: Tensor  # (N, 1, S, S) smoothed anomaly maps
     pred_scores: Tensor  # (N,) image scores (max of the map; the global distance for "global")
     recons: Tensor  # (N, 3, S, S) reconstructions in [-1, 1]
+
+
+class ScoredFiles(NamedTuple):
+    """Output of :func:`score_files`."""
+
+    csv: Path  # <out>/scores.csv
+    threshold: dict  # what score_threshold returned: value, source, description, ...
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -193,6 +208,10 @@ def score(
     Returns:
         :class:`Scores` -- ``anomaly_maps (N, 1, S, S)``, ``pred_scores (N,)``, ``recons (N, 3, S, S)``, with
         ``S = trained.score_size``.
+
+    Raises:
+        TrustMAEError: a variant that does not apply, images of the wrong shape, or memory running out (the message
+            names ``--batch-size`` / ``batch_size``).
     """
     method = trained.method
     variant = variant or default_variants(method)[0]
@@ -206,6 +225,26 @@ def score(
     layout = torch.channels_last if channels_last else torch.contiguous_format
     if channels_last:
         model.to(memory_format=layout)  # only 4-D weights change layout; values are untouched
+    try:
+        return _score(trained, images, variant, batch_size, channels_last, size, sigma, model, layout)
+    except (RuntimeError, MemoryError) as err:
+        if not is_out_of_memory(err):
+            raise
+        raise _scoring_out_of_memory(trained, len(images), size, batch_size) from None
+
+
+def _scoring_out_of_memory(trained, n: int, size: int, batch_size: int) -> TrustMAEError:
+    where = f"out of memory scoring {n} image(s) of {size} px in batches of {batch_size} on {trained.device}"
+    if batch_size > 1:
+        return TrustMAEError(f"{where}; lower --batch-size (evaluate / score; batch_size= in Python), e.g. "
+                             "--batch-size 1; nothing was written")  # fmt: skip
+    cpu = "" if trained.device.type == "cpu" else "score with --device cpu, or "
+    return TrustMAEError(f"{where}; even one image does not fit: {cpu}train the run with a smaller image_size (now "
+                         f"{trained.profile.image_size}) in its profile; nothing was written")  # fmt: skip
+
+
+def _score(trained, images, variant, batch_size, channels_last, size, sigma, model, layout) -> Scores:
+    method = trained.method
     dev = trained.device
     maps, preds, recons = [], [], []
     with torch.inference_mode():
@@ -299,7 +338,8 @@ def fit_threshold(train_scores: Sequence[float], noise_ratio: float, margin: flo
 
     Args:
         train_scores: scores of the (contaminated) training images.
-        noise_ratio: the run's known defective fraction of the training set.
+        noise_ratio: the defective fraction assumed in the training set -- the run's assumed contamination
+            (:func:`resolve_contamination`: its injected noise ratio unless a contamination was given).
         margin: extra fraction assumed defective.
 
     Returns:
@@ -333,9 +373,42 @@ def threshold_metrics(labels: Sequence[int], scores: Sequence[float], threshold:
 # --------------------------------------------------------------------------------------------------------------
 
 
+#: What ``contamination_source`` says about where the assumed contamination came from.
+CONTAMINATION_SOURCES = {
+    "noise_ratio": "the run's injected noise ratio",
+    "train": "given to train --contamination",
+    "given": "given here (--contamination)",
+}
+
+
+def resolve_contamination(trained, contamination: float | None = None) -> tuple[float, str]:
+    """The assumed contamination a threshold is fitted at, and its source (a key of :data:`CONTAMINATION_SOURCES`).
+
+    ``contamination`` given here wins; else the value recorded at training (``trustmae train --contamination``,
+    ``run.json``'s ``assumed_contamination``); else the run's injected noise ratio.
+    """
+    if contamination is not None:
+        return check_contamination(contamination), "given"
+    meta = getattr(trained, "meta", {}) or {}
+    if meta.get("contamination_source") == "given" and meta.get("assumed_contamination") is not None:
+        return float(meta["assumed_contamination"]), "train"
+    return float(trained.spec.noise_ratio), "noise_ratio"
+
+
+def threshold_block(contamination: float, source: str) -> dict:
+    """The result record's ``threshold`` entry: the assumed contamination, its source and the rule."""
+    return {
+        "assumed_contamination": contamination,
+        "contamination_source": source,
+        "margin": THRESHOLD_MARGIN,
+        "rule": "quantile 1 - (assumed_contamination + margin) of the run's training scores",
+    }
+
+
 def variant_metrics(labels, test_scores, train_scores, noise_ratio: float, masks=None, maps=None) -> dict:
     """One scoring variant's metrics: image (and, with ``masks`` and ``maps``, pixel) AUROC, the threshold fitted
-    on the training scores only, and the decisions it gives on the test set."""
+    on the training scores only (at the assumed contamination ``noise_ratio``), and the decisions it gives on the
+    test set."""
     test_scores, train_scores = np.asarray(test_scores), np.asarray(train_scores)
     threshold = fit_threshold(train_scores, noise_ratio)
     return {
@@ -348,8 +421,13 @@ def variant_metrics(labels, test_scores, train_scores, noise_ratio: float, masks
 
 
 def result_record(spec, profile, split, metrics: dict, labels, *, backbone: tuple, device, steps: int,
-                  score_size: int, train: dict, eval_wall_s: float, config_hash: str | None) -> dict:  # fmt: skip
+                  score_size: int, train: dict, eval_wall_s: float, config_hash: str | None,
+                  threshold: dict | None = None) -> dict:  # fmt: skip
     """The result file of one cell, the same keys for every method (the first metric is the primary variant).
+
+    ``threshold`` (:func:`threshold_block`; default: the noise ratio as the assumed contamination) records what every
+    variant's threshold assumed about the training set; it sits beside ``metrics``, so a run's metrics are the same
+    whatever file version recorded them.
 
     Provenance: what ran (spec, profile digest, manifest hash, backbone by package and file hash, library and torch
     versions) and where (``platform``: CPU model, ISA level, threads -- see :func:`trustmae_lib.utils.platform_info`;
@@ -389,6 +467,7 @@ def result_record(spec, profile, split, metrics: dict, labels, *, backbone: tupl
         "n_test": len(labels),
         "n_test_defective": int(np.sum(labels)),
         "score_size": score_size,
+        "threshold": threshold or threshold_block(float(spec.noise_ratio), "noise_ratio"),
     }
 
 
@@ -404,9 +483,27 @@ def _test_tensors(trained, size: int) -> tuple[Tensor, Tensor]:
     return load_tensors(list(trained.split.test), size, cache_dir=cache, progress=False)
 
 
-def _score_run(trained, variants, batch_size: int, t0: float) -> tuple[dict, dict[str, np.ndarray]]:
+def _require_test_images(split, root: Path, category: str, run_dir: Path | None = None) -> None:
+    """A one-line error when a split has no test images (its category had no ``test/`` folder when it was built)."""
+    if split.test:
+        return
+    folder = Path(root) / category / "test"
+    if run_dir is None:
+        raise TrustMAEError(f"{category}: no test images to evaluate on; add {folder}/good and "
+                            f"{folder}/<defect type> images")  # fmt: skip
+    raise TrustMAEError(
+        f"{run_dir} has no test images to evaluate ({folder} held no images when it was trained); score images with "
+        f"'trustmae score {run_dir} FOLDER', or add {folder}/good and {folder}/<defect type> images and train the "
+        "run again (delete the run folder or pass another --out)"
+    )
+
+
+def _score_run(trained, variants, batch_size: int, t0: float,
+               contamination: float | None = None) -> tuple[dict, dict[str, np.ndarray]]:  # fmt: skip
     """Every variant's metrics on the run's test set, and the result record (:func:`evaluate`)."""
     variants = _check_variants(trained.method, tuple(variants) if variants else default_variants(trained.method))
+    _require_test_images(trained.split, trained.index.root, trained.spec.category, trained.run_dir)
+    assumed, source = resolve_contamination(trained, contamination)
     size = trained.score_size
     test = list(trained.split.test)
     images, masks = _test_tensors(trained, size)
@@ -419,7 +516,7 @@ def _score_run(trained, variants, batch_size: int, t0: float) -> tuple[dict, dic
         test_scores = score(trained, images, variant, batch_size)
         train_scores = score(trained, train_images, variant, batch_size).pred_scores
         maps = test_scores.anomaly_maps if has_masks and variant != "global" else None
-        metrics[variant] = variant_metrics(labels, test_scores.pred_scores, train_scores, trained.spec.noise_ratio,
+        metrics[variant] = variant_metrics(labels, test_scores.pred_scores, train_scores, assumed,
                                            masks if maps is not None else None, maps)  # fmt: skip
         per_image[variant] = test_scores.pred_scores.numpy()
 
@@ -432,6 +529,7 @@ def _score_run(trained, variants, batch_size: int, t0: float) -> tuple[dict, dic
         train={"device": meta.get("device"), "channels_last": meta.get("channels_last"),
                "wall_s": float(meta.get("train_wall_s", 0.0)), "platform": meta.get("platform")},
         eval_wall_s=time.perf_counter() - t0, config_hash=meta.get("config_hash"),
+        threshold=threshold_block(assumed, source),
     )  # fmt: skip
     return result, per_image
 
@@ -442,12 +540,14 @@ def evaluate(
     device: str | None = None,
     batch_size: int = 16,
     spec=None,
+    contamination: float | None = None,
 ) -> dict:
     """Score a finished run's test set and write ``result.json`` (and ``scores.csv``) into its folder.
 
     For each variant: image ROC AUC, pixel ROC AUC (where the dataset has masks and the variant has a map), a
-    threshold fitted on the training scores only (:func:`fit_threshold`) and precision / recall / F1 / confusion
-    matrix on the test set at that threshold.
+    threshold fitted on the training scores only (:func:`fit_threshold`, at the assumed contamination
+    :func:`resolve_contamination` gives) and precision / recall / F1 / confusion matrix on the test set at that
+    threshold.
 
     Args:
         run_dir: a folder written by :func:`trustmae_lib.engine.train.train`.
@@ -455,15 +555,23 @@ def evaluate(
         device: ``None`` -> CUDA if available, else CPU.
         batch_size: images per forward pass.
         spec: optional :class:`~trustmae_lib.config.RunSpec` the run must match.
+        contamination: assumed defective share of the training set for the threshold; ``None``: the run's
+            (recorded at training, else its noise ratio). Recorded as ``result["threshold"]``.
+
+    Raises:
+        TrustMAEError: the run has no test images (trained on a folder without ``test/``), out of memory (lower
+            ``batch_size``), or any problem :func:`~trustmae_lib.engine.runs.load_trained` names.
 
     Returns:
         The result dict (also written atomically to ``<run_dir>/result.json``): ``metrics`` per variant plus the
         provenance keys :data:`PROVENANCE_KEYS`.
     """
     t0 = time.perf_counter()
+    if contamination is not None:
+        contamination = check_contamination(contamination)
     trained = load_trained(run_dir, spec=spec, device=device)
     with torch_threads(trained.spec.threads):  # the run's own thread count: its numbers depend on it
-        result, per_image = _score_run(trained, variants, batch_size, t0)
+        result, per_image = _score_run(trained, variants, batch_size, t0, contamination)
     run_dir = Path(run_dir)
     _write_scores(run_dir / SCORES, list(trained.split.test), trained.index.root, per_image)
     write_json(run_dir / RESULT, result)
@@ -504,6 +612,13 @@ def format_result(result: dict) -> str:
             f"{fmt(m['threshold']['value'], 9, 4)} {fmt(m['precision'], 6, 3)} {fmt(m['recall'], 6, 3)} "
             f"{fmt(m['f1'], 6, 3)}"
         )
+    block = result.get("threshold")
+    if block:
+        source = CONTAMINATION_SOURCES.get(block["contamination_source"], block["contamination_source"])
+        lines.append(
+            f"thresh: quantile 1 - ({block['assumed_contamination']:.2f} + {block['margin']:.2f}) of the training "
+            f"scores; assumed contamination {block['assumed_contamination']:.2f} ({source})"
+        )
     lines.append(
         f"train {result['train_wall_s']:.1f} s, eval {result['eval_wall_s']:.1f} s on {result['device']}; "
         f"backbone {result['backbone'] or '-'}"
@@ -533,13 +648,123 @@ def _image_files(path: Path) -> list[Path]:
     return files
 
 
+def _upsample_map(anomaly_map: Tensor, size_hw: tuple[int, int]) -> Tensor:
+    """``(1, S, S)`` -> ``(1, H, W)``, bilinear (the map of an image that was stretched to ``S x S`` for scoring)."""
+    m = anomaly_map.float()
+    if tuple(m.shape[-2:]) == tuple(size_hw):
+        return m
+    return F.interpolate(m[None], size=tuple(size_hw), mode="bilinear", align_corners=False)[0]
+
+
+def _colour_index(values: np.ndarray, vmax: float) -> np.ndarray:
+    """Index into a 256-entry colour map, as ``matplotlib`` computes it for floats in [0, 1]."""
+    scaled = np.clip(values / max(vmax, 1e-12), 0.0, 1.0) * 256.0
+    return np.minimum(scaled.astype(np.int64), 255)
+
+
 def overlay(image: Tensor, anomaly_map: Tensor, vmax: float, alpha: float = 0.5) -> np.ndarray:
-    """Heat-map overlay: ``image (3, S, S)`` in [-1, 1], ``anomaly_map (1, S, S)`` scaled by ``vmax`` -> uint8 RGB."""
+    """Heat-map overlay: ``image (3, H, W)`` in [-1, 1], ``anomaly_map (1, S, S)`` scaled by ``vmax`` -> uint8 RGB
+    ``(H, W, 3)``; a map of another size than the image is upsampled to it (bilinear), so a file scored at the
+    model's resolution gets its overlay at its own."""
     from matplotlib import colormaps
 
-    base = ((image.float().permute(1, 2, 0).numpy() + 1.0) / 2.0).clip(0, 1)
-    heat = colormaps["jet"]((anomaly_map[0].float().numpy() / max(vmax, 1e-12)).clip(0, 1))[..., :3]
+    base = ((image.float().permute(1, 2, 0).numpy() + 1.0) / 2.0).clip(0, 1).astype(np.float32)
+    values = _upsample_map(anomaly_map, tuple(image.shape[-2:]))[0].numpy()
+    lut = colormaps["jet"](np.arange(256))[:, :3].astype(np.float32)
+    heat = lut[_colour_index(values, vmax)]
     return (((1 - alpha) * base + alpha * heat) * 255).round().astype(np.uint8)
+
+
+def colour_bar(height: int, vmax: float, threshold: float | None, label: str = "anomaly score") -> np.ndarray:
+    """A vertical ``jet`` colour bar from 0 to ``vmax``, ``height`` pixels tall, drawn with matplotlib, with the
+    threshold as a white line and tick: uint8 RGB ``(height, width, 3)`` (width grows with the height)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    dpi = 100
+    width = int(np.clip(height * 0.35, 72, 200))
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, facecolor="white")
+    FigureCanvasAgg(fig)
+    font = float(np.clip(height / 22, 4, 10))
+    margin = (0.8 * font + 2) / height  # room for the end ticks' labels
+    cax = fig.add_axes((0.1, margin, 0.16, 1 - 2 * margin))
+    bar = fig.colorbar(ScalarMappable(norm=Normalize(0.0, vmax), cmap="jet"), cax=cax)
+    ticks = [0.0, vmax]
+    if threshold is not None and 0 < threshold < vmax:
+        cax.axhline(threshold, color="white", linewidth=max(1.0, height / 150))
+        ticks = [0.0, threshold, vmax]
+    bar.set_ticks(ticks)
+    bar.set_ticklabels([f"{t:.3g}" + (" thr" if t == threshold else "") for t in ticks])
+    cax.tick_params(labelsize=font, length=2, pad=1)
+    if height >= 160:
+        bar.set_label(f"{label} (thr = threshold)", fontsize=font)
+    fig.canvas.draw()
+    rgba = np.asarray(fig.canvas.buffer_rgba())
+    return np.ascontiguousarray(rgba[..., :3])
+
+
+def overlay_with_colorbar(image: Tensor, anomaly_map: Tensor, vmax: float, threshold: float | None = None,
+                          alpha: float = 0.5) -> np.ndarray:  # fmt: skip
+    """:func:`overlay` at the image's own size, with :func:`colour_bar` to its right: uint8 RGB ``(H, W + bar, 3)``.
+
+    The overlay's pixels are exactly :func:`overlay`'s; the bar maps colours to anomaly scores (0 .. ``vmax``) and
+    marks ``threshold``.
+    """
+    picture = overlay(image, anomaly_map, vmax, alpha)
+    bar = colour_bar(picture.shape[0], vmax, threshold)
+    if bar.shape[0] != picture.shape[0]:  # matplotlib rounds the canvas to whole pixels; never more than one off
+        from PIL import Image
+
+        bar = np.asarray(Image.fromarray(bar).resize((bar.shape[1], picture.shape[0])))
+    return np.concatenate([picture, bar], axis=1)
+
+
+def score_threshold(trained, variant: str, threshold: float | None = None, contamination: float | None = None,
+                    batch_size: int = 16) -> dict:  # fmt: skip
+    """The decision threshold :func:`score_files` applies, and where it came from.
+
+    In order: ``threshold`` as given; else fitted on the run's training images (:func:`fit_threshold`) at
+    ``contamination`` if given; else the variant's threshold in the run's ``result.json`` when it was fitted at the
+    run's assumed contamination; else fitted at that contamination (:func:`resolve_contamination`).
+
+    Returns:
+        ``{"value", "source"}`` (``"given"``, ``"fitted"`` or ``"result.json"``), ``"description"`` (one line for
+        people), and for fitted thresholds ``"assumed_contamination"``, ``"contamination_source"``, ``"quantile"``,
+        ``"n_train"``.
+    """
+    if threshold is not None:
+        value = float(threshold)
+        if not np.isfinite(value):
+            raise TrustMAEError(f"threshold {threshold!r} is not a finite number; pass e.g. --threshold 0.5")
+        return {"value": value, "source": "given", "description": "given (--threshold)"}
+    assumed, source = resolve_contamination(trained, contamination)
+    why = CONTAMINATION_SOURCES[source]
+    result_path = Path(trained.run_dir) / RESULT
+    if source != "given" and result_path.is_file():
+        try:
+            stored = read_json(result_path)
+            entry = stored.get("metrics", {}).get(variant, {}).get("threshold")
+            block = stored.get("threshold") or threshold_block(float(trained.spec.noise_ratio), "noise_ratio")
+        except (ValueError, AttributeError):  # not JSON, or not the dict evaluate writes
+            raise TrustMAEError(f"{result_path} is not a result file; delete it or re-run evaluate") from None
+        if entry and entry.get("value") is not None and block.get("assumed_contamination") == assumed:
+            return {"value": float(entry["value"]), "source": "result.json", "assumed_contamination": assumed,
+                    "contamination_source": source, "quantile": entry.get("quantile"), "n_train": entry.get("n_train"),
+                    "description": f"from {result_path}: fitted on the run's {entry.get('n_train')} training images "
+                                   f"at assumed contamination {assumed:.2f} ({why})"}  # fmt: skip
+    train_scores = score(trained, _train_images(trained, trained.score_size), variant, batch_size).pred_scores
+    fitted = fit_threshold(train_scores.numpy(), assumed)
+    return {"value": fitted["value"], "source": "fitted", "assumed_contamination": assumed,
+            "contamination_source": source, "quantile": fitted["quantile"], "n_train": fitted["n_train"],
+            "description": f"fitted on the run's {fitted['n_train']} training images at assumed contamination "
+                           f"{assumed:.2f} ({why}): their {fitted['quantile']:.2f} quantile"}  # fmt: skip
+
+
+#: Columns of ``score``'s CSV, in order.
+SCORE_COLUMNS = ("image", "score", "threshold", "anomalous", "overlay", "variant", "threshold_source",
+                 "assumed_contamination", "width", "height")  # fmt: skip
 
 
 def score_files(
@@ -549,52 +774,63 @@ def score_files(
     variant: str | None = None,
     device: str | None = None,
     batch_size: int = 16,
-) -> Path:
+    threshold: float | None = None,
+    contamination: float | None = None,
+) -> ScoredFiles:
     """Score one image or a folder of images with a trained run.
 
-    Writes ``<out>/scores.csv`` (file, score, threshold, anomalous) and one ``<stem>_overlay.png`` per image (heat
-    map scaled so that the threshold sits at the middle of the colour map). The threshold is the one in the run's
-    ``result.json`` when present, else fitted on the run's training scores (:func:`fit_threshold`).
+    Every image is stretched to the run's input size for scoring; its anomaly map is upsampled back to the image's
+    own size for the overlay. Writes ``<out>/scores.csv`` (:data:`SCORE_COLUMNS`: file, score, the threshold applied,
+    ``anomalous`` = score > threshold, overlay file name, variant, where the threshold came from, the assumed
+    contamination, the image's size) and one ``<stem>_overlay.png`` per image: the heat map over the image at the
+    image's resolution (colour scale 0 .. 2 x threshold, so the threshold sits in the middle of the colour map), with
+    a colour bar to its right that marks the threshold. The threshold: :func:`score_threshold`.
+
+    Args:
+        threshold: apply this threshold (``trustmae score --threshold``).
+        contamination: fit the threshold at this assumed contamination (``--contamination``).
 
     Returns:
-        The CSV path.
+        :class:`ScoredFiles` -- the CSV path and the threshold (:func:`score_threshold`'s dict).
     """
     from PIL import Image
 
     files = _image_files(Path(path))
+    if contamination is not None:
+        contamination = check_contamination(contamination)
     trained = load_trained(run_dir, device=device)
     variant = variant or default_variants(trained.method)[0]
     _check_variants(trained.method, [variant])
     size = trained.score_size
-    images = torch.stack([to_tensor(read_image(f), size) for f in files])
-    result_path = Path(run_dir) / RESULT
-    threshold = None
-    if result_path.is_file():
-        try:
-            stored = read_json(result_path).get("metrics", {}).get(variant, {})
-            threshold = stored.get("threshold", {}).get("value")
-        except (ValueError, AttributeError):  # not JSON, or not the dict evaluate writes
-            raise TrustMAEError(f"{result_path} is not a result file; delete it or re-run evaluate") from None
-    if threshold is None:
-        train_scores = score(trained, _train_images(trained, size), variant, batch_size).pred_scores
-        threshold = fit_threshold(train_scores.numpy(), trained.spec.noise_ratio)["value"]
-    scored = score(trained, images, variant, batch_size)
+    with torch_threads(trained.spec.threads):
+        applied = score_threshold(trained, variant, threshold, contamination, batch_size)
+        value = applied["value"]
+        maps, scores = [], []
+        for at in range(0, len(files), batch_size):  # decode a batch at a time: a large folder never sits in memory
+            chunk = torch.stack([to_tensor(read_image(f), size) for f in files[at : at + batch_size]])
+            scored = score(trained, chunk, variant, batch_size)
+            maps += list(scored.anomaly_maps)
+            scores += scored.pred_scores.tolist()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    vmax = 2 * value if value > 0 else max(max((float(m.max()) for m in maps), default=1.0), 1e-12)
+    contamination_text = "" if applied.get("assumed_contamination") is None else f"{applied['assumed_contamination']:g}"
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["image", "score", "threshold", "anomalous", "overlay"])
-    for i, f in enumerate(files):
+    writer.writerow(SCORE_COLUMNS)
+    for f, anomaly_map, s in zip(files, maps, scores, strict=True):
         name = f"{f.stem}_overlay.png"
-        picture = overlay(images[i], scored.anomaly_maps[i], vmax=2 * threshold)
+        pixels = read_image(f)
+        image = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1.0
+        picture = overlay_with_colorbar(image, anomaly_map, vmax=vmax, threshold=value)
         with atomic_write(out / name, "wb") as handle:
             Image.fromarray(picture).save(handle, format="PNG")
-        s = float(scored.pred_scores[i])
-        writer.writerow([str(f), f"{s:.8g}", f"{threshold:.8g}", int(s > threshold), name])
+        writer.writerow([str(f), f"{s:.8g}", f"{value:.8g}", int(s > value), name, variant, applied["source"],
+                         contamination_text, pixels.shape[1], pixels.shape[0]])  # fmt: skip
     csv_path = out / SCORES
     with atomic_write(csv_path, "w") as handle:
         handle.write(buffer.getvalue())
-    return csv_path
+    return ScoredFiles(csv_path, applied)
 
 
 def evaluate_patchcore(spec, device: str | None = None, batch_size: int = 16) -> dict:
@@ -610,6 +846,7 @@ def evaluate_patchcore(spec, device: str | None = None, batch_size: int = 16) ->
 def _patchcore_record(spec, device, batch_size: int) -> dict:
     t0 = time.perf_counter()
     profile, index, split = prepare(spec)
+    _require_test_images(split, index.root, spec.category)
     dev = pick_device(device)
     backbone = build_backbone(profile.backbone).to(dev).eval()
     size = profile.image_size

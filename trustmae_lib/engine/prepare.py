@@ -29,6 +29,31 @@ def is_texture(category: str, root: str | Path | None = None) -> bool:
     return category in set(MVTEC_TEXTURES) | set(TEXTURES) | listed
 
 
+def augmentation(spec: RunSpec, index) -> tuple[bool, str]:
+    """Whether the run flips and turns its training images, and why: ``(applied, reason)``.
+
+    ``spec.augment`` ``"on"`` / ``"off"`` decides; ``"auto"`` follows the supplement: no augmentation for MVTec AD's
+    fixed-orientation categories (cable, metal_nut, transistor) and for those the dataset's ``dataset.json`` lists
+    under ``fixed_orientation``; flips and quarter turns for every other category. The same choice governs the noise
+    protocol's re-draws (symmetries of the square, or a small shift and brightness change when the orientation is
+    fixed).
+    """
+    from trustmae_lib.data.mvtec import FIXED_ORIENTATION
+
+    if spec.augment != "auto":
+        return spec.augment == "on", f"--augment {spec.augment}"
+    if not index.fixed_orientation:
+        return True, f"auto: {index.category} is not a fixed-orientation category"
+    if index.category in FIXED_ORIENTATION:
+        return False, f"auto: {index.category} is one of MVTec AD's fixed-orientation categories"
+    return False, f"auto: {index.root / 'dataset.json'} lists {index.category} under fixed_orientation"
+
+
+def fixed_orientation(spec: RunSpec, index) -> bool:
+    """The run keeps its training images' orientation (no flips or turns): ``not augmentation(spec, index)[0]``."""
+    return not augmentation(spec, index)[0]
+
+
 def prepare(spec: RunSpec, profile: Profile | None = None):
     """Resolve a run's data: profile, category index and noisy split.
 
@@ -76,9 +101,10 @@ def load_train_tensors(spec: RunSpec, profile: Profile, index, split, size: int)
 
     samples = [item.sample for item in split.train]
     images, masks = load_tensors(samples, size, cache_dir=tensor_cache_dir(spec, index.root), progress=False)
+    fixed = fixed_orientation(spec, index)
     for i, item in enumerate(split.train):
         if item.redraw:
-            images[i], masks[i] = redraw_augment(images[i], masks[i], item.redraw, index.fixed_orientation)
+            images[i], masks[i] = redraw_augment(images[i], masks[i], item.redraw, fixed)
     return images
 
 

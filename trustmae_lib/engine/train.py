@@ -13,6 +13,11 @@ Engineering (not in the paper):
 * **Ctrl-C** finishes the current step, saves a checkpoint and raises :class:`TrainingInterrupted`.
 * A **NaN/inf** loss stops the run with a one-line :class:`~trustmae_lib.errors.TrustMAEError`; the last good
   checkpoint is kept, never overwritten.
+* **Out of memory** (``torch.OutOfMemoryError`` on a GPU, the CPU allocator's "can't allocate memory") in a step
+  stops the run the same way, naming the profile keys to lower (``batch_size``, ``image_size``).
+* The **assumed contamination** of the training folder (``contamination``, ``trustmae train --contamination``) is
+  recorded beside the spec, not in it: it sets the decision threshold at evaluation, never the network, so it does
+  not change the config hash or the run folder.
 * **Layout**: ``channels_last`` on CUDA; on the CPU NCHW unless the spec asks for it
   (:attr:`~trustmae_lib.config.RunSpec.channels_last`, ``trustmae train --channels-last``).
 * **DDP** (:mod:`trustmae_lib.engine.distributed`): the same entry point under ``torchrun`` wraps the networks in
@@ -46,6 +51,7 @@ from trustmae_lib.engine.methods import (
     recalibrate_batchnorm,
 )
 from trustmae_lib.engine.prepare import (
+    augmentation,
     batch_indices,
     is_texture,
     load_train_tensors,
@@ -67,7 +73,7 @@ from trustmae_lib.engine.runs import (
 )
 from trustmae_lib.errors import TrustMAEError
 from trustmae_lib.io import write_json
-from trustmae_lib.utils import pick_device, platform_info, seed_everything, torch_threads
+from trustmae_lib.utils import is_out_of_memory, pick_device, platform_info, seed_everything, torch_threads
 
 __all__ = ["TrainingInterrupted", "FitResult", "train", "fit", "load_or_train"]
 
@@ -136,6 +142,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     device: str | torch.device | None = None,
+    contamination: float | None = None,
 ) -> Path:
     """Train one run and return its folder ``<out_dir>/<run name>-<config hash>``.
 
@@ -150,13 +157,17 @@ def train(
             it an existing checkpoint is an error, so nothing is overwritten by accident.
         progress: show a tqdm bar with the current losses.
         device: ``None`` -> CUDA if available, else CPU.
+        contamination: the share of defective images assumed in the training set, in [0, 0.9] -- what the
+            decision threshold allows for (:func:`trustmae_lib.engine.evaluate.fit_threshold`). ``None``: the
+            injected noise ratio (a resumed run keeps the value it was started with). Recorded in ``run.json``
+            and the checkpoint (``assumed_contamination``, ``contamination_source``); not part of the config hash.
 
     Raises:
-        TrustMAEError: bad data, a NaN/inf loss (the last good checkpoint is kept), or a checkpoint that belongs to
-            another configuration.
+        TrustMAEError: bad data, a NaN/inf loss or out of memory (the last good checkpoint is kept), or a checkpoint
+            that belongs to another configuration.
         TrainingInterrupted: Ctrl-C (after saving a checkpoint).
     """
-    return fit(spec, out_dir, resume=resume, progress=progress, device=device).run_dir
+    return fit(spec, out_dir, resume=resume, progress=progress, device=device, contamination=contamination).run_dir
 
 
 def fit(
@@ -165,12 +176,17 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     device: str | torch.device | None = None,
+    contamination: float | None = None,
 ) -> FitResult:
     """:func:`train`, returning the networks as well (used by the DDP test and notebooks)."""
+    from trustmae_lib.config import check_contamination
+
+    if contamination is not None:
+        contamination = check_contamination(contamination)
     ddp = init_distributed()
     try:
         with torch_threads(spec.threads):  # the run's own thread count (RunSpec.threads): recorded and keyed
-            return _fit(spec, Path(out_dir), resume, progress, device, ddp)
+            return _fit(spec, Path(out_dir), resume, progress, device, ddp, contamination)
     finally:
         if ddp.owns_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -185,6 +201,7 @@ class _Session:
     run_dir: Path
     split: object
     fixed_orientation: bool
+    augment_reason: str  # why the training images are (not) flipped and turned (prepare.augmentation)
     device: torch.device
     channels_last: bool
     models: dict[str, nn.Module]
@@ -193,6 +210,7 @@ class _Session:
     masks: Tensor  # all-zero: training images carry no masks the losses use
     crop: int | None
     ddp: DistContext
+    contamination: float | None = None  # assumed defective share given for this run; None -> the noise ratio
     t_start: float = field(default_factory=time.perf_counter)
     step: int = 0
     log: list[dict] = field(default_factory=list)
@@ -264,7 +282,8 @@ def _build(spec: RunSpec, profile: Profile, run_dir: Path, index, split, device,
     method_cls = TrustMAEMethod if spec.is_trustmae else BaselineMethod
     method = method_cls(spec, profile, models, wrapped, dev, amp_dtype, ddp)
     masks = images.new_zeros(images.shape[0], 1, *images.shape[-2:])
-    return _Session(spec, profile, run_dir, split, index.fixed_orientation, dev, channels_last, models, method,
+    augmented, reason = augmentation(spec, index)
+    return _Session(spec, profile, run_dir, split, not augmented, reason, dev, channels_last, models, method,
                     images, masks, crop, ddp)  # fmt: skip
 
 
@@ -280,11 +299,14 @@ def _restore(session: _Session, checkpoint: dict) -> None:
     session.log = list(checkpoint.get("log", []))
     session.wall_before = float(checkpoint.get("train_wall_s", 0.0))
     session.data_wait = float(checkpoint.get("data_wait_s", 0.0))
+    if session.contamination is None and checkpoint.get("contamination_source") == "given":
+        session.contamination = float(checkpoint["assumed_contamination"])  # resumed without --contamination
 
 
 def run_record(session: _Session, finished: bool) -> dict:
     """The run's bookkeeping, written both into the checkpoint and as ``run.json`` (one dict, one place)."""
     s = session
+    given = s.contamination is not None
     return {
         "spec": s.spec.to_dict(),
         "profile": s.profile.to_dict(),
@@ -299,6 +321,12 @@ def run_record(session: _Session, finished: bool) -> dict:
         "channels_last": s.channels_last,
         "world_size": s.ddp.world_size,
         "manifest_hash": s.split.manifest_hash,
+        # Evaluation settings recorded beside the spec (not hashed): the threshold's assumed contamination.
+        "assumed_contamination": float(s.contamination if given else s.spec.noise_ratio),
+        "contamination_source": "given" if given else "noise_ratio",
+        "augment": {"setting": s.spec.augment, "applied": not s.fixed_orientation, "reason": s.augment_reason},
+        "n_train": len(s.split.train),
+        "n_test": len(s.split.test),
         "backbone": s.method.backbone_info,
         "library_version": __version__,
         "torch_version": str(torch.__version__),
@@ -328,25 +356,56 @@ def _save(session: _Session, finished: bool) -> Path | None:
 
 
 def _one_step(session: _Session) -> dict[str, float]:
-    """Draw the step's batch (stateless: a resumed run sees the same batches) and train on it."""
+    """Draw the step's batch (stateless: a resumed run sees the same batches) and train on it.
+
+    A :class:`~trustmae_lib.errors.TrustMAEError` (e.g. a NaN loss) or memory running out stops the run with one
+    line; nothing is saved, so the last checkpoint on disk stays as it was."""
     s = session
     t0 = time.perf_counter()
+    try:
+        x = _draw_batch(s)
+        t1 = time.perf_counter()
+        s.data_wait += t1 - t0
+        values = s.method.step(x, s.step + 1)
+    except TrustMAEError as err:
+        raise TrustMAEError(f"training stopped: {err}; {_last_checkpoint(s)}") from None
+    except (RuntimeError, MemoryError) as err:
+        if not is_out_of_memory(err):
+            raise
+        raise out_of_memory_error(s.spec, s.profile, s.device, f"training step {s.step + 1}",
+                                  _last_checkpoint(s)) from None  # fmt: skip
+    s.step += 1
+    return {**values, "step_s": round(time.perf_counter() - t0, 4), "data_s": round(t1 - t0, 4)}
+
+
+def _draw_batch(s: _Session) -> Tensor:
     global_batch = s.profile.batch_size * s.ddp.world_size
     idx = batch_indices(s.step, s.images.shape[0], global_batch, s.spec.seed, s.ddp.rank, s.ddp.world_size)
     gen = torch.Generator().manual_seed(mix_seed(s.spec.seed, s.step, s.ddp.rank))
     x = training_batch(s.images, s.masks, idx.to(s.device), s.crop, s.fixed_orientation, gen)
     if s.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    t1 = time.perf_counter()
-    s.data_wait += t1 - t0
-    try:
-        values = s.method.step(x, s.step + 1)
-    except TrustMAEError as err:
-        path = s.checkpoint_path
-        last = f"last good checkpoint {path}" if path.is_file() else "no checkpoint was written"
-        raise TrustMAEError(f"training stopped: {err}; {last}") from None
-    s.step += 1
-    return {**values, "step_s": round(time.perf_counter() - t0, 4), "data_s": round(t1 - t0, 4)}
+    return x
+
+
+def _last_checkpoint(session: _Session) -> str:
+    path = session.checkpoint_path
+    if not path.is_file():
+        return "no checkpoint was written"
+    return f"last good checkpoint {path} kept"
+
+
+def out_of_memory_error(spec: RunSpec, profile: Profile, device, where: str, kept: str) -> TrustMAEError:
+    """The one-line error for memory running out while training: which profile keys to lower, and what was kept."""
+    from trustmae_lib.config import CONFIG_DIR
+
+    is_file = Path(spec.profile).suffix in (".yaml", ".yml")
+    source = spec.profile if is_file else CONFIG_DIR / f"{spec.profile}.yaml"
+    return TrustMAEError(
+        f"out of memory in {where} on {device} (profile {Path(spec.profile).stem}: batch_size {profile.batch_size}, "
+        f"image_size {profile.image_size}); lower batch_size (or image_size) in a copy of {source} and pass it "
+        f"with --profile FILE.yaml{'' if device.type == 'cpu' else ', or train with --device cpu'}; {kept}"
+    )
 
 
 def _should_stop(session: _Session, stop: _StopFlag) -> bool:
@@ -387,7 +446,8 @@ def _loop(session: _Session, progress: bool) -> None:
         bar.close()
 
 
-def _fit(spec: RunSpec, out_dir: Path, resume: bool, progress: bool, device, ddp: DistContext) -> FitResult:
+def _fit(spec: RunSpec, out_dir: Path, resume: bool, progress: bool, device, ddp: DistContext,
+         contamination: float | None = None) -> FitResult:  # fmt: skip
     profile = spec.load_profile()
     run_dir = run_dir_for(spec, out_dir)
     if ddp.active and not ddp.is_main:
@@ -401,7 +461,15 @@ def _fit(spec: RunSpec, out_dir: Path, resume: bool, progress: bool, device, ddp
 
         run_dir.mkdir(parents=True, exist_ok=True)
         save_manifest(split, run_dir / MANIFEST)
-    session = _build(spec, profile, run_dir, index, split, device, ddp, fresh=checkpoint is None)
+    try:
+        session = _build(spec, profile, run_dir, index, split, device, ddp, fresh=checkpoint is None)
+    except (RuntimeError, MemoryError) as err:
+        if not is_out_of_memory(err):
+            raise
+        kept = "the run folder's checkpoint is unchanged" if checkpoint else "no checkpoint was written"
+        dev = pick_device(device, local_rank=ddp.local_rank if ddp.active else None)
+        raise out_of_memory_error(spec, profile, dev, "building the networks and the training set", kept) from None
+    session.contamination = contamination
     start = 0
     if checkpoint is not None:
         _restore(session, checkpoint)
@@ -410,8 +478,14 @@ def _fit(spec: RunSpec, out_dir: Path, resume: bool, progress: bool, device, ddp
         m.train()
     _loop(session, progress)
     if start < profile.steps:  # trained here (not a reload of a finished run): final batch-norm statistics
-        recalibrate_batchnorm(session.models["model"], session.images, profile.batch_size, crop=session.crop,
-                              seed=spec.seed)  # fmt: skip
+        try:
+            recalibrate_batchnorm(session.models["model"], session.images, profile.batch_size, crop=session.crop,
+                                  seed=spec.seed)  # fmt: skip
+        except (RuntimeError, MemoryError) as err:
+            if not is_out_of_memory(err):
+                raise
+            raise out_of_memory_error(spec, profile, session.device, "the final batch-norm statistics",
+                                      _last_checkpoint(session)) from None  # fmt: skip
     _save(session, finished=True)
     return FitResult(run_dir=run_dir, models=session.models, step=session.step, log=session.log)
 
