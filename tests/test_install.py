@@ -255,7 +255,7 @@ def test_glue_uses_myst_nb_where_installed(monkeypatch):
 
 def test_no_file_names_an_address_the_project_is_not_at():
     fake = "trustmae-book/" + "trustmae-book"  # split so that this file does not name it either
-    vcs = "git+" + "http"  # `pip install git+https://...`: an install from an address
+    vcs = "git+" + "http"  # a pip install from a repository address (none exists for this project)
     found = []
     for name in _tracked("."):
         path = ROOT / name
