@@ -3,6 +3,7 @@
 * a folder with only ``train/good`` trains and scores; ``evaluate`` on such a run, and noise injection without
   defective images, are one-line errors;
 * ``--contamination`` (train, evaluate, score) moves the threshold but never the weights or the run's config hash;
+* ``score`` on the training folder gives the training scores the threshold was fitted on;
 * ``score --threshold`` is applied, printed and written into ``scores.csv``;
 * overlays come out at the input image's own size, with a colour bar;
 * ``--augment`` is recorded, keyed when not ``auto`` and reaches the training loop; ``auto`` keeps committed hashes;
@@ -180,6 +181,19 @@ def test_contamination_moves_the_threshold_but_not_the_weights_or_the_hash(shop,
     _one_line_error(capsys, main(_train(tmp_path / "bad", "--contamination", "lots", dataset=shop / "parts")),
                     "not a number")  # fmt: skip
     assert not (tmp_path / "bad").exists()
+
+
+def test_scoring_the_training_folder_gives_the_scores_the_threshold_was_fitted_on(shop, screw_run, tmp_path):
+    # The screw images are 48 px, resized to the smoke profile's 64: score must decode them as training does (resize,
+    # then round to 8 bits), or a training image scores differently from the value its threshold was fitted on.
+    out = tmp_path / "train_scored"
+    assert main(["score", str(screw_run), str(shop / "parts" / "screw" / "train" / "good"), "--out", str(out)]) == 0
+    rows = _rows(out / "scores.csv")
+    trained = load_trained(screw_run)
+    fitted_on = ev.score(trained, ev._train_images(trained, trained.score_size)).pred_scores.numpy()
+    np.testing.assert_allclose([float(r["score"]) for r in rows], fitted_on, rtol=1e-6)
+    (threshold,) = {float(r["threshold"]) for r in rows}
+    assert threshold == pytest.approx(np.quantile([float(r["score"]) for r in rows], 0.95), rel=1e-6)
 
 
 def test_evaluate_records_the_assumed_contamination_and_accepts_an_override(shop, tmp_path, capsys):

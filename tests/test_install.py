@@ -182,7 +182,7 @@ def _setup_cell(path: Path) -> str:
 
 def test_setup_cell_is_the_same_in_every_notebook():
     cells = {p.name: _setup_cell(p) for p in NOTEBOOKS}
-    assert len(cells) == 14 and len(set(cells.values())) == 1, "the setup cells differ"
+    assert len(cells) == 15 and len(set(cells.values())) == 1, "the setup cells differ"
 
 
 def test_setup_cell_outside_a_checkout_says_what_to_do(tmp_path):

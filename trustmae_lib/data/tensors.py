@@ -143,6 +143,16 @@ def load_tensors(
     return _dequantise(images), masks.to(torch.float32)
 
 
+def image_tensor(path: str | Path, size: int) -> torch.Tensor:
+    """One image file as training and the threshold see it (:func:`load_tensors` without the cache): decoded,
+    resized to ``size``, rounded to 8 bits as the cache stores it, and scaled to [-1, 1]: ``(3, S, S)`` float32.
+
+    ``trustmae score`` decodes its files with it, so a training image scored from its file gets the score the run's
+    threshold was fitted on (a resized image that skipped the rounding would differ by up to half a grey level).
+    """
+    return _dequantise(_quantise(to_tensor(read_image(path), size)))
+
+
 def cache_dir_for(root: str | Path) -> Path:
     """The on-disk tensor cache of a dataset: ``<root>/.cache`` (ignored by :func:`list_categories`)."""
     return Path(root) / ".cache"

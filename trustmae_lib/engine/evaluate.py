@@ -53,8 +53,8 @@ from torch import Tensor
 
 from trustmae_lib import __version__
 from trustmae_lib.config import check_contamination, is_trustmae
-from trustmae_lib.data.mvtec import IMAGE_EXTENSIONS, read_image, to_tensor
-from trustmae_lib.data.tensors import load_tensors
+from trustmae_lib.data.mvtec import IMAGE_EXTENSIONS, read_image
+from trustmae_lib.data.tensors import image_tensor, load_tensors
 from trustmae_lib.engine.prepare import load_train_tensors, prepare, tensor_cache_dir
 from trustmae_lib.engine.runs import load_trained
 from trustmae_lib.errors import TrustMAEError
@@ -779,12 +779,14 @@ def score_files(
 ) -> ScoredFiles:
     """Score one image or a folder of images with a trained run.
 
-    Every image is stretched to the run's input size for scoring; its anomaly map is upsampled back to the image's
-    own size for the overlay. Writes ``<out>/scores.csv`` (:data:`SCORE_COLUMNS`: file, score, the threshold applied,
-    ``anomalous`` = score > threshold, overlay file name, variant, where the threshold came from, the assumed
-    contamination, the image's size) and one ``<stem>_overlay.png`` per image: the heat map over the image at the
-    image's resolution (colour scale 0 .. 2 x threshold, so the threshold sits in the middle of the colour map), with
-    a colour bar to its right that marks the threshold. The threshold: :func:`score_threshold`.
+    Every image is stretched to the run's input size for scoring, decoded exactly as the training images are
+    (:func:`~trustmae_lib.data.tensors.image_tensor`), so a training image scores what the threshold was fitted on;
+    its anomaly map is upsampled back to the image's own size for the overlay. Writes ``<out>/scores.csv``
+    (:data:`SCORE_COLUMNS`: file, score, the threshold applied, ``anomalous`` = score > threshold, overlay file
+    name, variant, where the threshold came from, the assumed contamination, the image's size) and one
+    ``<stem>_overlay.png`` per image: the heat map over the image at the image's resolution (colour scale
+    0 .. 2 x threshold, so the threshold sits in the middle of the colour map), with a colour bar to its right that
+    marks the threshold. The threshold: :func:`score_threshold`.
 
     Args:
         threshold: apply this threshold (``trustmae score --threshold``).
@@ -807,7 +809,7 @@ def score_files(
         value = applied["value"]
         maps, scores = [], []
         for at in range(0, len(files), batch_size):  # decode a batch at a time: a large folder never sits in memory
-            chunk = torch.stack([to_tensor(read_image(f), size) for f in files[at : at + batch_size]])
+            chunk = torch.stack([image_tensor(f, size) for f in files[at : at + batch_size]])
             scored = score(trained, chunk, variant, batch_size)
             maps += list(scored.anomaly_maps)
             scores += scored.pred_scores.tolist()
