@@ -409,3 +409,13 @@ def test_out_of_memory_while_scoring_names_the_batch_size_and_keeps_earlier_outp
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written is lost
     with pytest.raises(TrustMAEError, match="out of memory scoring 2 image"):  # the library says it too
         ev.score(load_trained(screw_run), torch.zeros(2, 3, 64, 64))
+
+
+@pytest.mark.parametrize("height", [64, 160, 256, 512])
+def test_the_colour_bar_keeps_its_labels_inside_the_picture(height):
+    from trustmae_lib.engine.evaluate import colour_bar
+
+    bar = colour_bar(height, vmax=1.034, threshold=0.517)
+    assert bar.shape[0] == height and bar.dtype == np.uint8
+    ink = (bar < 128).any(axis=2)  # dark pixels: the tick labels and the axis label
+    assert ink.any() and not ink[:, -2:].any()  # labels drawn, and the last columns are background: nothing is cut

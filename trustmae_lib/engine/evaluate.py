@@ -683,13 +683,13 @@ def colour_bar(height: int, vmax: float, threshold: float | None, label: str = "
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
-    dpi = 100
-    width = int(np.clip(height * 0.35, 72, 200))
-    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, facecolor="white")
+    dpi, canvas_width = 100, 400  # drawn on a wide canvas, then cut to what the bar and its labels need
+    fig = Figure(figsize=(canvas_width / dpi, height / dpi), dpi=dpi, facecolor="white")
     FigureCanvasAgg(fig)
     font = float(np.clip(height / 22, 4, 10))
     margin = (0.8 * font + 2) / height  # room for the end ticks' labels
-    cax = fig.add_axes((0.1, margin, 0.16, 1 - 2 * margin))
+    bar_width = max(8.0, 0.06 * height)  # pixels
+    cax = fig.add_axes((4 / canvas_width, margin, bar_width / canvas_width, 1 - 2 * margin))
     bar = fig.colorbar(ScalarMappable(norm=Normalize(0.0, vmax), cmap="jet"), cax=cax)
     ticks = [0.0, vmax]
     if threshold is not None and 0 < threshold < vmax:
@@ -701,7 +701,8 @@ def colour_bar(height: int, vmax: float, threshold: float | None, label: str = "
     if height >= 160:
         bar.set_label(f"{label} (thr = threshold)", fontsize=font)
     fig.canvas.draw()
-    rgba = np.asarray(fig.canvas.buffer_rgba())
+    right = fig.get_tightbbox(fig.canvas.get_renderer()).x1 * dpi  # inches -> pixels: every label's right edge
+    rgba = np.asarray(fig.canvas.buffer_rgba())[:, : min(canvas_width, int(np.ceil(right)) + 3)]
     return np.ascontiguousarray(rgba[..., :3])
 
 
