@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import re
 import shutil
 import subprocess
@@ -40,6 +41,33 @@ IGNORED = shutil.ignore_patterns("[0-9][0-9]_*.ipynb", "*.partial.ipynb", ".ipyn
 #: Sphinx log lines, e.g. ``/tmp/x/book/intro.md:12: WARNING: undefined label: 'fig-x' [ref.ref]``.
 WARNING_LINE = re.compile(r"\bWARNING:")
 ERROR_LINE = re.compile(r"\b(ERROR|SEVERE|CRITICAL):")
+
+
+#: Warning text in a notebook output: ``UserWarning: ...``, ``/path/tqdm/auto.py:21: TqdmWarning: ...``, ...
+WARNING_TEXT = re.compile(r"\w*Warning\b")
+
+
+def notebook_warnings(path: Path) -> list[str]:
+    """What an executed notebook would show a reader as warnings: every output line that names a warning class
+    (``UserWarning``, ``TqdmWarning``, ``Pandas4Warning``, ...) and every other ``stderr`` output.
+
+    Args:
+        path: an executed ``.ipynb`` (papermill's output, or the copy Sphinx keeps under ``_sources/``).
+
+    Returns:
+        ``"cell <n>: <line>"`` entries, empty for a clean notebook.
+    """
+    found = []
+    for n, cell in enumerate(json.loads(path.read_text(encoding="utf-8"))["cells"]):
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            text = "".join(output.get("text", "")) + "".join(data.get("text/plain", ""))
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            flagged = [line for line in lines if WARNING_TEXT.search(line)]
+            if output.get("output_type") == "stream" and output.get("name") == "stderr" and not flagged:
+                flagged = lines[:1]  # any other text on stderr is noise on the page too
+            found += [f"cell {n}: {line[:300]}" for line in flagged]
+    return found
 
 
 @dataclass
@@ -249,6 +277,9 @@ if __name__ == "__main__":
         print(line)
     for name, reason in book.missing.items():
         print(f"left out {name}: {reason}")
+    for executed in sorted((book.html.parent.parent / "book").glob("[0-9][0-9]_*.ipynb")):
+        for line in notebook_warnings(executed):
+            print(f"{executed.name}: {line}")
     for step, seconds in book.timings.items():
         print(f"{step}: {seconds:.1f} s")
     print(f"TRUSTMAE_BOOK_HTML={book.html}")

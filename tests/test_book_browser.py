@@ -2,8 +2,10 @@
 
 What a reader gets: every page of the toc loads without console errors, uncaught exceptions or failed
 requests, asks nothing from outside the book (it is read offline), shows its images, typesets its math,
-shows the notebook cells with their outputs and DataFrames as tables; the sidebar reaches every chapter, on a
-phone too; internal links and anchors resolve. Screenshots land in ``_build/screenshots/``.
+shows the notebook cells with their outputs and DataFrames as tables, and no warnings printed by the build
+machine; wide tables and equations scroll inside a box of their own with a visible hint, on a desktop and on a
+390-pixel phone, instead of being cut off or widening the page; the sidebar reaches every chapter, on a phone
+too; internal links and anchors resolve. Screenshots land in ``_build/screenshots/``.
 
 The book: ``TRUSTMAE_BOOK_HTML=<_build/html>`` tests a built book (``make book``); without it a smoke book is
 built into a scratch folder first (every chapter under the ``smoke`` profile; see ``tests/book_build.py``).
@@ -24,12 +26,18 @@ from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
 import pytest
-from book_build import REPO, Book, build_smoke_book, given_book, serve, toc_docnames
+from book_build import REPO, Book, build_smoke_book, given_book, notebook_warnings, serve, toc_docnames
 
 pytestmark = pytest.mark.browser
 
 #: Pages photographed on a desktop screen (1280 x 900); add results chapters here as they land.
-SCREENSHOT_PAGES = ["book/intro", "book/01_data_and_noise"]
+SCREENSHOT_PAGES = [
+    "book/intro",
+    "book/01_data_and_noise",
+    "book/10_evaluation",
+    "book/11_noise_robustness",
+    "book/13_results_vs_paper",
+]
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 SCREENSHOTS = REPO / "_build" / "screenshots"
@@ -151,6 +159,46 @@ _PAGE_FACTS = """async () => {
   };
 }"""
 
+#: Tables and typeset formulas of the article that a reader cannot see whole: each must fit the page, or scroll inside a
+#: box of its own (``overflow-x: auto|scroll``) that shows the scroll hint of ``book/_static/trustmae.js`` (class
+#: ``tm-scrolls``) and is itself reachable the same way (a formula in a table cell: the table's box); cut off by an
+#: ``overflow: hidden`` ancestor, or running off the page, is a problem, as is a page wider than the viewport.
+#: Folded-away outputs (zero size) are skipped.
+_WIDE_CONTENT = """() => {
+  const vw = document.documentElement.clientWidth;
+  const rect = (e) => e.getBoundingClientRect();
+  const beyond = (r, b) => r.right > b.right + 1 || r.left < b.left - 1;
+  const what = (el) => { const r = rect(el); return `<${el.tagName.toLowerCase()}> at x ${Math.round(r.left)}..${
+      Math.round(r.right)} "${(el.closest('.math') || el).textContent.trim().replace(/\\s+/g, ' ').slice(0, 60)}"`; };
+  const problems = [];
+  let scrolling = 0;
+  const reachable = (el, label) => {  // can a reader see all of el, scrolling where needed?
+    const r = rect(el);
+    for (let a = el.parentElement; a && a !== document.body; a = a.parentElement) {
+      const overflow = getComputedStyle(a).overflowX;
+      if (overflow === 'auto' || overflow === 'scroll') {
+        if (beyond(r, rect(a)) && a.scrollWidth > a.clientWidth + 1) {
+          scrolling += 1;
+          if (!a.classList.contains('tm-scrolls')) { problems.push(`${label} scrolls without a scroll hint`); return; }
+        }
+        return reachable(a, label);  // the box itself must be reachable
+      }
+      if ((overflow === 'hidden' || overflow === 'clip') && beyond(r, rect(a))) {
+        problems.push(`${label} is cut off by <${a.tagName.toLowerCase()} class="${a.className}">`);
+        return;
+      }
+    }
+    if (r.right > vw + 1 || r.left < -1) problems.push(`${label} runs off the page`);
+  };
+  for (const el of document.querySelectorAll('.bd-article table, .bd-article .math mjx-math')) {
+    const r = rect(el);
+    if (r.width > 0 && r.height > 0) reachable(el, what(el));
+  }
+  const page = document.documentElement.scrollWidth;
+  if (page > vw + 1) problems.push(`the page is ${page} px wide in a ${vw} px viewport`);
+  return {problems, scrolling};
+}"""
+
 _MATHJAX_READY = """async () => {
   const mj = window.MathJax;
   if (!mj || !mj.startup || !mj.startup.promise) return null;
@@ -200,8 +248,29 @@ def visits(book: Book, site: str, browser):
                 pytest.fail(f"{docname} is in the toc but the book has no {docname}.html", pytrace=False)
             page, problems = _open(context, urljoin(site, f"{docname}.html"))
             facts = page.evaluate(_PAGE_FACTS)
+            facts["wide"] = page.evaluate(_WIDE_CONTENT)
             page.close()
             cache_[docname] = {**facts, **problems}
+        return cache_[docname]
+
+    yield visit
+    context.close()
+
+
+@pytest.fixture(scope="session")
+def phone_visits(book: Book, site: str, browser):
+    """Every page opened once on a 390-pixel phone: ``phone_visits(docname)`` -> the wide-content check (cached)."""
+    context = _context(browser, site, viewport=PHONE, is_mobile=True, has_touch=True, device_scale_factor=2)
+    cache_: dict[str, dict] = {}
+
+    def visit(docname: str) -> dict:
+        if docname not in cache_:
+            page, _ = _open(context, urljoin(site, f"{docname}.html"))
+            cache_[docname] = page.evaluate(_WIDE_CONTENT)
+            if cache_[docname]["scrolling"] and docname in SCREENSHOT_PAGES:
+                SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(SCREENSHOTS / f"phone-{docname.rsplit('/', 1)[-1]}.png"))
+            page.close()
         return cache_[docname]
 
     yield visit
@@ -298,6 +367,44 @@ def test_dataframes_render_as_tables(book: Book, visits, docname: str) -> None:
     tables = visits(docname)["tables"]
     shown = [t for t in tables if t["rows"] > 0 and t["visible"]]
     assert len(shown) >= expected, f"{docname}: {expected} DataFrames, {len(shown)} visible tables ({tables})"
+
+
+#: Known cause of the one warning left in chapters 9-11 (outside the book's files): the training loop's progress bar
+#: is ``tqdm.auto``'s, which prints a ``TqdmWarning`` with the build machine's site-packages path when imported in a
+#: kernel without ipywidgets. The check below treats it as an expected failure until the import changes.
+_TRAIN_PY = REPO / "trustmae_lib" / "engine" / "train.py"
+_ENGINE_TQDM_AUTO = "from tqdm.auto import tqdm"
+
+
+@pytest.mark.parametrize("docname", TOC)
+def test_notebook_outputs_show_no_warnings(book: Book, docname: str) -> None:
+    """No warning of the build machine reaches the page (e.g. a ``TqdmWarning`` with its site-packages path)."""
+    _need(book, docname)
+    executed = book.html / "_sources" / f"{docname}.ipynb"
+    if not executed.is_file():
+        pytest.skip(f"{docname} is a prose page")
+    found = notebook_warnings(executed)
+    if found and all("TqdmWarning" in line for line in found) and _ENGINE_TQDM_AUTO in _TRAIN_PY.read_text():
+        why = "imports tqdm.auto, which warns in a kernel without ipywidgets (fix there: `from tqdm import tqdm`)"
+        pytest.xfail(f"{docname}: {_TRAIN_PY.relative_to(REPO)} {why}")
+    assert not found, f"{docname} shows warnings in its outputs:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize("docname", TOC)
+def test_wide_content_scrolls_in_its_own_box(book: Book, visits, docname: str) -> None:
+    """Desktop: no table or equation is cut off; a wide one scrolls in its box, with the scroll hint."""
+    _need(book, docname)
+    problems = visits(docname)["wide"]["problems"]
+    assert not problems, f"{docname} on a desktop:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("docname", TOC)
+def test_wide_content_scrolls_in_its_own_box_on_a_phone(book: Book, phone_visits, docname: str) -> None:
+    """390-pixel phone: tables and equations wider than the screen scroll inside a box that fits the screen and
+    shows that it scrolls; nothing is cut off and the page itself never scrolls sideways."""
+    _need(book, docname)
+    problems = phone_visits(docname)["problems"]
+    assert not problems, f"{docname} on a {PHONE['width']} px phone:\n" + "\n".join(problems)
 
 
 # -------------------------------------------------------------------------------------- navigation
@@ -416,7 +523,7 @@ def _bad_links(html_root: Path, page: Path) -> list[str]:
             ok = (parts.scheme in ("http", "https") and bool(parts.netloc) and " " not in ref) or (
                 parts.scheme == "mailto" and "@" in parts.path
             )
-            ok = ok or (tag == "img" and parts.scheme == "data")
+            ok = ok or (tag in ("img", "a") and parts.scheme == "data")  # inline images, CSV downloads
             if not ok:
                 bad.append(f"malformed external link <{tag}> {ref!r}")
             continue

@@ -37,3 +37,18 @@ def test_notebook_anatomy(path):
     assert any(c in headings for c in closing), f"{path.name} lacks the section '{closing[0]}'"
     for section in ("## Deviations and readings", "## Summary"):
         assert section in headings, f"{path.name} lacks the section '{section}'"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_prose_line_is_a_myst_comment(path):
+    """MyST drops a Markdown line that starts with ``%`` (a comment): a rewrapped "... 84.3 ± 8.3\n% after ..." loses
+    the rest of its line from the page without a warning."""
+    nb = json.loads(path.read_text())
+    lost = [
+        (c.get("id"), line.strip()[:80])
+        for c in nb["cells"]
+        if c["cell_type"] == "markdown"
+        for line in "".join(c["source"]).splitlines()
+        if line.lstrip().startswith("%")
+    ]
+    assert not lost, f"{path.name}: Markdown lines starting with % are MyST comments and vanish: {lost}"

@@ -77,6 +77,17 @@ def test_claims_hold_on_data_built_to_satisfy_them():
     assert verdicts == ["holds", "holds", "holds"]
 
 
+def test_claims_sign_convention_is_first_minus_second():
+    """Every signed number of a claim is "first minus second" in AUROC points, so ``+`` always means higher."""
+    one, two, three = (c["ours"] for c in report.claims(_frame(GOOD, jitter=0.0)))
+    assert "TrustMAE − MemAE at 0 %: +15.0 ± 0.0" in one  # TrustMAE ahead: positive
+    # Both lose AUROC from 0 % to 40 %: the change (noisiest minus cleanest) is negative.
+    assert two.startswith("AUROC at 40 % − at 0 %:") and "TrustMAE -2.0 ± 0.0" in two and "MemAE -10.0 ± 0.0" in two
+    assert "+8.0 ± 0.0 at 40 %" in three  # TrustMAE above w/o TR: positive
+    paper = report.claims(_frame(GOOD))[1]["paper"]
+    assert f"({paper_mean('Ours', 0.4) - paper_mean('Ours', 0.05):+.2f})" in paper and "(-" in paper
+
+
 def test_claims_fail_on_data_built_to_break_them():
     bad = {
         "trustmae": {0.0: 0.80, 0.4: 0.60},  # below AE-L2 at 40 %, drops more than MemAE

@@ -283,6 +283,10 @@ def _overall(verdicts: Sequence[str]) -> str:
 def claims(frame: pd.DataFrame, metric: str = "image_auroc") -> list[dict]:
     """Check the supplement's three claims on ``frame``; each entry has ``claim, paper, ours, verdict``.
 
+    Every signed number in ``ours`` is a difference of AUROC points, first term minus second, so ``+`` always means
+    the first is higher: TrustMAE − baseline (claim 1), AUROC at the noisiest − at the cleanest setting (claim 2: a
+    loss is negative) and TrustMAE − w/o TR (claim 3). ``±`` is the standard deviation over seeds of that difference.
+
     A difference counts only when it exceeds the seed spread: ``|mean difference| > std over seeds of the
     per-seed difference`` (so one lucky seed does not make a verdict), and only when at least :data:`MIN_SEEDS`
     seeds back it. Verdicts: ``holds`` (the effect is there, beyond the spread), ``fails`` (the opposite effect,
@@ -304,7 +308,7 @@ def claims(frame: pd.DataFrame, metric: str = "image_auroc") -> list[dict]:
         for noise, seeds in d.iterrows():
             m, s = seeds.mean(), _seed_std(seeds)
             verdicts.append(_verdict(m, s, seeds.count()))
-            notes.append(f"vs {base.label} at {round(100 * noise)} %: {m:+.1f} ± {s:.1f}")
+            notes.append(f"TrustMAE − {base.label} at {round(100 * noise)} %: {m:+.1f} ± {s:.1f}")
     out.append(
         {
             "claim": "TrustMAE beats MemAE, AE-SSIM and AE-L2 at every noise level",
@@ -318,9 +322,9 @@ def claims(frame: pd.DataFrame, metric: str = "image_auroc") -> list[dict]:
     drops = drop_table(frame, [full, memae], metric).set_index("method")
     if {full.label, memae.label} <= set(drops.index):
         a, b = drops.loc[full.label], drops.loc[memae.label]
-        ours = (
-            f"TrustMAE {a['drop']:+.1f} ± {a['drop std']:.1f}, MemAE {b['drop']:+.1f} ± {b['drop std']:.1f} "
-            f"points ({int(a['clean %'])} → {int(a['noisy %'])} %)"
+        ours = (  # a change: noisiest minus cleanest, so a loss is negative (drop_table's ``drop`` is its opposite)
+            f"AUROC at {int(a['noisy %'])} % − at {int(a['clean %'])} %: TrustMAE {-a['drop']:+.1f} ± "
+            f"{a['drop std']:.1f}, MemAE {-b['drop']:+.1f} ± {b['drop std']:.1f}"
         )
         n_seeds = min(int(a["seeds"]), int(b["seeds"]))
         verdict = _verdict(b["drop"] - a["drop"], max(a["drop std"], b["drop std"]), n_seeds)
@@ -330,8 +334,9 @@ def claims(frame: pd.DataFrame, metric: str = "image_auroc") -> list[dict]:
         {
             "claim": "TrustMAE loses about 2.5 points of mean AUC from 5 % to 40 % noise, MemAE about 5",
             "paper": (
-                f"Table 4 mean AUC, 5 → 40 %: TrustMAE {paper_mean('Ours', 0.05)} → {paper_mean('Ours', 0.4)}, "
-                f"MemAE {paper_mean('MemAE', 0.05)} → {paper_mean('MemAE', 0.4)}"
+                f"Table 4 mean AUC, 5 → 40 %: TrustMAE {paper_mean('Ours', 0.05)} → {paper_mean('Ours', 0.4)} "
+                f"({paper_mean('Ours', 0.4) - paper_mean('Ours', 0.05):+.2f}), MemAE {paper_mean('MemAE', 0.05)} → "
+                f"{paper_mean('MemAE', 0.4)} ({paper_mean('MemAE', 0.4) - paper_mean('MemAE', 0.05):+.2f})"
             ),
             "ours": ours,
             "verdict": verdict,

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
 
 
@@ -57,18 +58,39 @@ def image_grid(
     return fig
 
 
+#: Font size (points) of the figures laid out for a phone's width (stacked panels, about 4.7 inches wide): a
+#: 390-pixel screen shows them at about two thirds of their size.
+PHONE_FONT = 12
+
+#: Colour map of every anomaly map in the book (low = blue, high = red); each figure carries its colour bar.
+MAP_CMAP = "jet"
+
+
+def _metric_label(metric: str) -> str:
+    """``image_auroc`` -> ``image AUROC``."""
+    return metric.replace("_auroc", " AUROC").replace("_", " ")
+
+
+def _map_axes_off(axes) -> None:
+    for ax in np.ravel(axes):
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+
 def anomaly_rows(images, masks, recons, anomaly_maps, titles: Sequence[str] | None = None, size: float = 1.8) -> Figure:
-    """The standard anomaly figure: per row input, ground-truth mask, reconstruction, anomaly map overlay.
+    """The standard anomaly figure: per row input, ground-truth mask, reconstruction, anomaly map overlay, and a
+    colour bar that gives the anomaly map's scale.
 
     Args:
         images, recons: (N, 3, H, W) in [-1, 1].
         masks: (N, 1, H, W) in {0, 1} or ``None`` (image-level datasets).
-        anomaly_maps: (N, 1, H, W), any scale; one colour scale shared by all rows.
+        anomaly_maps: (N, 1, H, W), any scale; one colour scale shared by all rows (the colour bar's).
     """
     n = len(images)
-    fig, axes = plt.subplots(n, 4, figsize=(4 * size, n * size), squeeze=False)
+    fig, axes = plt.subplots(n, 4, figsize=(4 * size + 0.9, n * size + 0.3), squeeze=False, layout="constrained")
     maps = torch.as_tensor(anomaly_maps).detach().float().cpu()
     vmin, vmax = float(maps.min()), float(maps.max())
+    shown = None
     for i in range(n):
         row = axes[i]
         row[0].imshow(to_display(images[i]))
@@ -78,27 +100,72 @@ def anomaly_rows(images, masks, recons, anomaly_maps, titles: Sequence[str] | No
             row[1].text(0.5, 0.5, "no mask", ha="center", va="center", transform=row[1].transAxes)
         row[2].imshow(to_display(recons[i]))
         row[3].imshow(to_display(images[i]))
-        row[3].imshow(_mask_array(maps[i]), cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax)
+        shown = row[3].imshow(_mask_array(maps[i]), cmap=MAP_CMAP, alpha=0.5, vmin=vmin, vmax=vmax)
         if titles is not None:
             row[0].set_ylabel(titles[i], fontsize=8)
-        for ax in row:
-            ax.set_xticks([])
-            ax.set_yticks([])
+    _map_axes_off(axes)
     for ax, name in zip(axes[0], ("input", "ground truth", "reconstruction", "anomaly map"), strict=True):
         ax.set_title(name, fontsize=9)
-    fig.tight_layout()
+    if shown is not None:
+        # The bar shows the map's colours at full strength (the overlay draws them at half opacity).
+        bar = fig.colorbar(ScalarMappable(shown.norm, shown.get_cmap()), ax=axes[:, 3], shrink=min(1.0, 0.5 + 0.1 * n))
+        bar.set_label("anomaly map value", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
     return fig
 
 
-def noise_curves(frame, rows, metric: str = "image_auroc", paper: bool = True, size: float = 3.6) -> Figure:
+def variant_maps(images, masks, maps_by_variant: dict, idx: Sequence[int], size: float = 1.9) -> Figure:
+    """Anomaly maps of the same images under several scorings: one column per variant, each on its own colour
+    scale (its min to max over the shown images) with its own colour bar below it; the first column is the input
+    with the defect outlined in red where a mask is given.
+
+    Args:
+        images: (N, 3, H, W) in [-1, 1].
+        masks: (N, 1, H, W) in {0, 1} or ``None``.
+        maps_by_variant: variant name -> (N, 1, H, W) anomaly maps.
+        idx: the images to show (one row each).
+    """
+    names = list(maps_by_variant)
+    idx = list(idx)
+    fig, axes = plt.subplots(len(idx), 1 + len(names), figsize=(size * (1 + len(names)), size * len(idx) + 0.6),
+                             squeeze=False, layout="constrained")  # fmt: skip
+    for r, i in enumerate(idx):
+        axes[r, 0].imshow(to_display(images[i]))
+        if masks is not None and _mask_array(masks[i]).any():
+            axes[r, 0].contour(_mask_array(masks[i]), levels=[0.5], colors="red", linewidths=0.8)
+    for c, name in enumerate(names, start=1):
+        m = torch.as_tensor(maps_by_variant[name]).detach().float().cpu()[idx]
+        vmin, vmax = float(m.min()), float(m.max())
+        for r in range(len(idx)):
+            im = axes[r, c].imshow(_mask_array(m[r]), cmap=MAP_CMAP, vmin=vmin, vmax=vmax)
+        bar = fig.colorbar(im, ax=axes[:, c], location="bottom", shrink=0.9)
+        bar.ax.tick_params(labelsize=7)
+        bar.set_label(f"{name} map value", fontsize=8)
+    _map_axes_off(axes)
+    for ax, name in zip(axes[0], ["input (defect outlined)", *names], strict=True):
+        ax.set_title(name, fontsize=9)
+    return fig
+
+
+def noise_curves(
+    frame, rows, metric: str = "image_auroc", paper: bool = True, size: float = 3.6, ncols: int = 1
+) -> Figure:
     """Mean AUROC against noise ratio per row, with the spread over seeds (the band: min to max of the per-seed
-    means over categories); with ``paper`` a second panel draws the paper's MVTec AD mean for the same rows."""
+    means over categories); with ``paper`` a second panel draws the paper's MVTec AD mean for the same rows.
+
+    The panels are stacked (``ncols=1``, the default) and lettered at a size that stays readable when the figure is
+    shrunk to a phone's width; one legend below them serves both (the colours are the same rows).
+    """
     from trustmae_lib.study.report import paper_reference, select_rows
 
     sel = select_rows(frame, rows).dropna(subset=[metric])
-    ncols = 2 if paper else 1
-    fig, axes = plt.subplots(1, ncols, figsize=(size * 1.3 * ncols, size), squeeze=False)
-    ax = axes[0, 0]
+    n_panels = 2 if paper else 1
+    ncols = max(1, min(ncols, n_panels))
+    nrows = int(np.ceil(n_panels / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * 1.3 * ncols, size * 0.85 * nrows + 0.9), squeeze=False,
+                             layout="constrained")  # fmt: skip
+    panels = list(axes.flat)
+    ax = panels[0]
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, row in enumerate(rows):
         part = sel[sel["row"] == row.label]
@@ -109,12 +176,10 @@ def noise_curves(frame, rows, metric: str = "image_auroc", paper: bool = True, s
         colour = colours[i % len(colours)]
         ax.plot(x, per_seed.mean(axis=1), marker="o", color=colour, label=row.label)
         ax.fill_between(x, per_seed.min(axis=1), per_seed.max(axis=1), color=colour, alpha=0.15)
-    ax.set(xlabel="noise ratio (%)", ylabel=f"{metric.replace('_', ' ')} (%)", title="ours (embedded data)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.set(xlabel="noise ratio (%)", ylabel=f"{_metric_label(metric)} (%)", title="ours (embedded data)")
     if paper:
         ref = paper_reference(rows)
-        ax2 = axes[0, 1]
+        ax2 = panels[1]
         for i, row in enumerate(rows):
             part = ref[ref["method"] == row.label] if not ref.empty else ref
             if part.empty:
@@ -122,9 +187,19 @@ def noise_curves(frame, rows, metric: str = "image_auroc", paper: bool = True, s
             ax2.plot(part["noise"] * 100, part["auc"], marker="s", ls="--", color=colours[i % len(colours)],
                      label=row.label)  # fmt: skip
         ax2.set(xlabel="noise ratio (%)", ylabel="mean image AUC (%)", title="paper (MVTec AD, 15 categories)")
-        ax2.grid(alpha=0.3)
-        ax2.legend(fontsize=7)
-    fig.tight_layout()
+    for a in panels[:n_panels]:
+        a.grid(alpha=0.3)
+        a.set_xlim(-2, 42)
+        a.tick_params(labelsize=PHONE_FONT - 1)
+        a.xaxis.label.set_size(PHONE_FONT)
+        a.yaxis.label.set_size(PHONE_FONT)
+        a.title.set_size(PHONE_FONT)
+    for a in panels[n_panels:]:
+        a.set_visible(False)
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(2, len(labels)), fontsize=PHONE_FONT - 1,
+                   frameon=False)  # fmt: skip
     return fig
 
 
@@ -180,4 +255,73 @@ def reading_gaps(table, size: float = 3.6) -> Figure:
     ax.set(ylabel="TrustMAE − w/o TR (AUROC points)", title="does the trust region help? (above 0: yes)")
     ax.legend(fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def paper_comparison(frame, metric: str = "image_auroc", size: float = 3.6) -> Figure:
+    """Chapter 13's comparison with the paper in one figure, panels stacked (readable at a phone's width).
+
+    Top (claims 1 and 2): for each method of Table 4, the AUROC with the cleanest and with the noisiest training
+    set -- ours per category (mean over seeds, error bar: std over seeds), the paper's MVTec AD mean at 5 % and 40 %
+    in grey -- joined by a line, so the ranking and the loss under noise read off together. Bottom (claim 3):
+    TrustMAE minus TrustMAE w/o TR at each noise level, ours per category (paired by seed, error bar: std over
+    seeds) beside the paper's gap; above zero the trust region helps.
+    """
+    from trustmae_lib.config import PAPER_NOISE_RATIOS
+    from trustmae_lib.study.paper import paper_mean
+    from trustmae_lib.study.report import TABLE3_ROWS, TABLE4_ROWS, paired_gap, select_rows
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(size * 1.3, size * 2.1 + 0.6), layout="constrained")
+    groups = [(f"{d}/{c}", part) for (d, c), part in frame.groupby(["dataset", "category"])]
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    n_series = len(groups) + 1
+    width = 0.7 / n_series
+    sel = select_rows(frame, TABLE4_ROWS).dropna(subset=[metric])
+    lo, hi = (sel["noise"].min(), sel["noise"].max()) if len(sel) else (0.0, 0.0)
+    for m, row in enumerate(TABLE4_ROWS):
+        for g, (name, _) in enumerate(groups):
+            part = sel[(sel["row"] == row.label) & (sel["dataset"] + "/" + sel["category"] == name)]
+            ends = [part[part["noise"] == n].groupby("seed")[metric].mean() * 100 for n in (lo, hi)]
+            if any(e.empty for e in ends):
+                continue
+            x = m - 0.35 + width * (g + 0.5)
+            top.plot([x, x + width * 0.6], [e.mean() for e in ends], color=colours[g % len(colours)], lw=1.2)
+            for e, dx, face in ((ends[0], 0.0, "white"), (ends[1], width * 0.6, colours[g % len(colours)])):
+                top.errorbar(x + dx, e.mean(), yerr=e.std(ddof=1) if len(e) > 1 else None, fmt="o", ms=5,
+                             mfc=face, color=colours[g % len(colours)], capsize=2, lw=0.8)  # fmt: skip
+        x = m - 0.35 + width * (len(groups) + 0.5)
+        ref = [paper_mean(row.paper, n) for n in (0.05, 0.40)]
+        top.plot([x, x + width * 0.6], ref, color="0.45", lw=1.2)
+        top.plot([x], [ref[0]], "s", ms=5, mfc="white", color="0.45")
+        top.plot([x + width * 0.6], [ref[1]], "s", ms=5, color="0.45")
+    top.set_xticks(range(len(TABLE4_ROWS)), [r.label for r in TABLE4_ROWS], fontsize=PHONE_FONT - 1)
+    top.set_ylabel("image AUROC (%)", fontsize=PHONE_FONT)
+    top.set_title(f"Table 4: open {round(100 * lo)} % noise (paper 5 %),\nfilled {round(100 * hi)} %",
+                  fontsize=PHONE_FONT)  # fmt: skip
+    handles = [plt.Line2D([], [], color=colours[g % len(colours)], marker="o", label=f"ours, {name}")
+               for g, (name, _) in enumerate(groups)]  # fmt: skip
+    handles.append(plt.Line2D([], [], color="0.45", marker="s", label="paper, MVTec AD mean"))
+    top.legend(handles=handles, fontsize=PHONE_FONT - 2, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncols=2,
+               frameon=False)  # fmt: skip
+    top.grid(axis="y", alpha=0.3)
+
+    full, no_tr = TABLE3_ROWS[0], TABLE3_ROWS[1]
+    for g, (name, part) in enumerate(groups):
+        gap = paired_gap(part, full, no_tr, metric)
+        if gap.empty:
+            continue
+        x = gap.index.to_numpy() * 100 + (g - (len(groups) - 1) / 2) * 0.8
+        spread = gap.std(axis=1, ddof=1) if gap.shape[1] > 1 else None
+        bottom.errorbar(x, gap.mean(axis=1), yerr=spread, marker="o", ms=5, capsize=2, lw=1.2,
+                        color=colours[g % len(colours)], label=f"ours, {name}")  # fmt: skip
+    paper_gap = [paper_mean(full.paper, n) - paper_mean(no_tr.paper, n) for n in PAPER_NOISE_RATIOS]
+    bottom.plot(np.array(PAPER_NOISE_RATIOS) * 100, paper_gap, "s--", ms=5, color="0.45", label="paper, MVTec AD")
+    bottom.axhline(0, color="black", lw=0.6)
+    bottom.set_xlabel("noise ratio (%)", fontsize=PHONE_FONT)
+    bottom.set_ylabel("TrustMAE − w/o TR (points)", fontsize=PHONE_FONT)
+    bottom.set_title("Table 3: the trust region's gain\n(above 0: it helps)", fontsize=PHONE_FONT)
+    bottom.legend(fontsize=PHONE_FONT - 2)
+    bottom.grid(alpha=0.3)
+    for ax in (top, bottom):
+        ax.tick_params(labelsize=PHONE_FONT - 1)
     return fig
