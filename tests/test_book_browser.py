@@ -369,13 +369,6 @@ def test_dataframes_render_as_tables(book: Book, visits, docname: str) -> None:
     assert len(shown) >= expected, f"{docname}: {expected} DataFrames, {len(shown)} visible tables ({tables})"
 
 
-#: Known cause of the one warning left in chapters 9-11 (outside the book's files): the training loop's progress bar
-#: is ``tqdm.auto``'s, which prints a ``TqdmWarning`` with the build machine's site-packages path when imported in a
-#: kernel without ipywidgets. The check below treats it as an expected failure until the import changes.
-_TRAIN_PY = REPO / "trustmae_lib" / "engine" / "train.py"
-_ENGINE_TQDM_AUTO = "from tqdm.auto import tqdm"
-
-
 @pytest.mark.parametrize("docname", TOC)
 def test_notebook_outputs_show_no_warnings(book: Book, docname: str) -> None:
     """No warning of the build machine reaches the page (e.g. a ``TqdmWarning`` with its site-packages path)."""
@@ -384,9 +377,6 @@ def test_notebook_outputs_show_no_warnings(book: Book, docname: str) -> None:
     if not executed.is_file():
         pytest.skip(f"{docname} is a prose page")
     found = notebook_warnings(executed)
-    if found and all("TqdmWarning" in line for line in found) and _ENGINE_TQDM_AUTO in _TRAIN_PY.read_text():
-        why = "imports tqdm.auto, which warns in a kernel without ipywidgets (fix there: `from tqdm import tqdm`)"
-        pytest.xfail(f"{docname}: {_TRAIN_PY.relative_to(REPO)} {why}")
     assert not found, f"{docname} shows warnings in its outputs:\n" + "\n".join(found)
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from trustmae_lib import __version__
 from trustmae_lib.config import Profile, RunSpec
