@@ -16,6 +16,8 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -419,3 +421,10 @@ def test_the_colour_bar_keeps_its_labels_inside_the_picture(height):
     assert bar.shape[0] == height and bar.dtype == np.uint8
     ink = (bar < 128).any(axis=2)  # dark pixels: the tick labels and the axis label
     assert ink.any() and not ink[:, -2:].any()  # labels drawn, and the last columns are background: nothing is cut
+
+
+def test_the_command_line_answers_help_without_importing_torch():
+    # `trustmae <command> --help` must not pay torch's import (seconds); the subcommands import it when they run.
+    code = "import sys; from trustmae_lib.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

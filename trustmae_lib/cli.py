@@ -247,7 +247,7 @@ _CONTAMINATION_HELP = ("assumed share of defective images in the training folder
 def _train_epilog() -> str:
     import textwrap
 
-    from trustmae_lib.data.mvtec import DATASET_JSON_KEYS
+    from trustmae_lib.config import DATASET_JSON_KEYS
 
     keys = "\n".join(
         textwrap.fill(text, 116, initial_indent=f"    {key + ':':<19}", subsequent_indent=" " * 23)

@@ -223,6 +223,15 @@ def check_contamination(value) -> float:
     return share
 
 
+#: The keys a dataset folder's optional ``dataset.json`` may set (read by :mod:`trustmae_lib.data.mvtec`; here so that
+#: the command line can show them without importing torch).
+DATASET_JSON_KEYS = {
+    "fixed_orientation": "categories trained without flips and rotations (besides MVTec AD's cable, metal_nut, "
+    "transistor)",
+    "textures": "texture categories (besides MVTec AD's five): AE-L2 / AE-SSIM train on crops and score with sliding "
+    "windows",
+}
+
 #: The noise levels of supplement Tables 3 and 4.
 PAPER_NOISE_RATIOS = (0.05, 0.10, 0.15, 0.20, 0.30, 0.40)
 

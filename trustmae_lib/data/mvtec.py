@@ -42,6 +42,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from trustmae_lib.config import DATASET_JSON_KEYS
 from trustmae_lib.errors import TrustMAEError
 from trustmae_lib.io import read_json
 
@@ -77,12 +78,6 @@ FIXED_ORIENTATION = frozenset({"cable", "metal_nut", "transistor"})
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 #: The keys of ``<root>/dataset.json`` the reader uses, each a list of category names, and what they do.
-DATASET_JSON_KEYS = {
-    "fixed_orientation": "categories trained without flips and rotations (besides MVTec AD's cable, metal_nut, "
-    "transistor)",
-    "textures": "texture categories (besides MVTec AD's five): AE-L2 / AE-SSIM train on crops and score with sliding "
-    "windows",
-}
 
 
 # ----------------------------------------------------------------------------------------------------------
