@@ -99,5 +99,10 @@ def test_one_cell_recomputed_from_scratch_agrees_with_the_committed_result(tmp_p
     assert fresh["manifest_hash"] == committed["manifest_hash"]  # the data and the noise draw: any platform
     assert fresh["platform"]["threads"] == 1
     kind, problems = agreement(fresh, committed, _group(config, CELL))
-    print(f"check made: {kind} (committed on {committed['platform']['cpu']}, here {fresh['platform']['cpu']})")
+    aurocs = {v: (round(e["image_auroc"], 3), round(committed["metrics"][v]["image_auroc"], 3))
+              for v, e in fresh["metrics"].items()}  # fmt: skip
+    print(
+        f"check made: {kind} (committed on {committed['platform']['cpu']}, here {fresh['platform']['cpu']}); "
+        f"image AUROC here vs committed: {aurocs}"
+    )
     assert not problems, f"{kind} check: " + "; ".join(problems)
