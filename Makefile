@@ -70,9 +70,11 @@ dist: $(STAMP)
 reproduce: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu --fresh --jobs 2
 
-# Chapter 13's texture runs (300 steps, and every synthetic category at the profile's 600 steps) and chapter 12's
-# study of alternative readings of the trust region (on elpv/poly).
+# The embedded benchmark's calibration and the disjoint protocol (chapters 1, 13), chapter 13's runs on the textures
+# and the gear (300 steps) and on the widget at the profile's 600 steps.
 reproduce-textures: $(STAMP)
+	$(PY) -m trustmae_lib sweep sweep_cpu_calibration --fresh --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_disjoint --fresh --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_textures --fresh --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_bar --fresh --jobs 2
 
@@ -81,6 +83,8 @@ readings: $(STAMP)
 
 sweep: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_calibration --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_disjoint --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_textures --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_bar --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_readings --jobs 2

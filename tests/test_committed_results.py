@@ -19,7 +19,14 @@ from trustmae_lib.io import read_json
 from trustmae_lib.study import sweep
 from trustmae_lib.utils import same_platform
 
-COMMITTED = ("sweep_cpu", "sweep_cpu_textures", "sweep_cpu_bar", "sweep_cpu_readings")
+COMMITTED = (
+    "sweep_cpu",
+    "sweep_cpu_textures",
+    "sweep_cpu_calibration",
+    "sweep_cpu_disjoint",
+    "sweep_cpu_bar",
+    "sweep_cpu_readings",
+)
 #: The cell recomputed from scratch: TrustMAE with the trust region at 10 % noise (re-drawn defects included).
 CELL = RunSpec(dataset="synthetic", category="widget", noise_ratio=0.1, method="trustmae", profile="cpu", seed=0,
                steps=300)  # fmt: skip

@@ -123,6 +123,38 @@ def test_error_mask_without_image_and_image_without_mask(mvtec_tree):
     assert str(mask) in _error(scan_category, mvtec_tree, "bottle")
 
 
+def _add_pool(root, category="bottle"):
+    """Copy the category's defective test images (and masks) into a defect pool under new names."""
+    base = root / category
+    for kind in ("broken_large", "contamination"):
+        for img in sorted((base / "test" / kind).iterdir()):
+            for sub in ("defect_pool", "defect_pool_ground_truth"):
+                (base / sub / kind).mkdir(parents=True, exist_ok=True)
+            shutil.copy(img, base / "defect_pool" / kind / f"p{img.name}")
+            shutil.copy(base / "ground_truth" / kind / f"{img.stem}_mask.png",
+                        base / "defect_pool_ground_truth" / kind / f"p{img.stem}_mask.png")  # fmt: skip
+    return base
+
+
+def test_scan_reads_the_defect_pool_apart_from_the_test_set(mvtec_tree):
+    assert scan_category(mvtec_tree, "bottle").pool == ()
+    base = _add_pool(mvtec_tree)
+    idx = scan_category(mvtec_tree, "bottle")
+    assert idx.counts == (4, 2, 3, 2)  # the pool is not part of the test set
+    assert len(idx.pool) == 3 and all(s.label == 1 and s.mask.name == f"{s.image.stem}_mask.png" for s in idx.pool)
+    assert {s.image.parent.parent.name for s in idx.pool} == {"defect_pool"}
+    areas = data.defect_areas(idx)
+    assert [r["set"] for r in areas].count("pool") == 3 and all(0 < r["area"] < 1 for r in areas)
+    # A pool image without its mask, and normal images in the pool, are named.
+    (base / "defect_pool_ground_truth" / "contamination" / "p000_mask.png").unlink()
+    assert "p000.png has no mask" in _error(scan_category, mvtec_tree, "bottle")
+    shutil.rmtree(base / "defect_pool_ground_truth")
+    (base / "defect_pool").rename(base / "pool_tmp")
+    (base / "defect_pool" / "good").mkdir(parents=True)
+    shutil.copy(base / "train" / "good" / "000.png", base / "defect_pool" / "good" / "000.png")
+    assert "defect pool holds defective images only" in _error(scan_category, mvtec_tree, "bottle")
+
+
 def test_error_path_escaping_root(mvtec_tree, tmp_path):
     outside = tmp_path / "outside.png"
     Image.new("RGB", (32, 32)).save(outside)

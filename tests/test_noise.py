@@ -133,28 +133,47 @@ def test_overlap_keeps_the_test_set(index):
         assert split.protocol == "overlap"
 
 
-def test_disjoint_removes_exactly_the_injected(index):
-    split = inject_noise(index, 0.15, protocol="disjoint", seed=2)  # d = 18 of 20
-    injected = {item.sample for item in split.injected}
-    assert len(injected) == 18
-    assert len(split.test) == len(index.test) - 18
-    assert set(split.test) == set(index.test) - injected
-    assert [s for s in index.test if s not in injected] == list(split.test)  # order kept
-    assert sum(s.label for s in split.test) == 2
-    assert split.manifest["counts"]["n_test_defective"] == 2
+def test_disjoint_without_a_pool_splits_the_defective_test_images_once(index, tmp_path):
+    # No defect_pool/: half of each type's defective test images (10 of 20) form the pool, the same for every seed
+    # and ratio; the injected images come from it only, and the test set never contains them.
+    splits = [inject_noise(index, r, protocol="disjoint", seed=s) for r in (0.0, 0.15, 0.4) for s in (0, 2)]
+    tests = {split.test for split in splits}
+    assert len(tests) == 1
+    (test,) = tests
+    pool = set(index.test_defective) - set(test)
+    assert len(pool) == 10 and Counter(s.defect_type for s in pool) == {"crack": 5, "hole": 3, "scratch": 2}
+    assert [s for s in index.test if s not in pool] == list(test)  # order kept
+    split = splits[2]  # 15 %: d = 18 from a pool of 10 -> 8 re-draws
+    assert {item.sample for item in split.injected} <= pool and split.n_injected == 18 and split.n_redrawn == 8
+    assert split.manifest["pool"] == {"source": "test_split", "size": 10, "n_test_defective_full": 20}
+    assert split.manifest["counts"]["n_test_defective"] == 10
+    injected = [e for e in split.manifest["files"] if e["role"] == "train_injected"]
+    assert injected and all(e["pool"] == "test_split" for e in injected)
+    path = save_manifest(split, tmp_path / "disjoint.json")
+    assert load_manifest(path, index.root).manifest == split.manifest
 
 
-@pytest.mark.parametrize("ratio", [0.2, 0.4])  # d = 25 and 67 > pool of 20
-def test_disjoint_that_leaves_no_defect_fails(index, ratio):
-    with pytest.raises(TrustMAEError, match="leaves no defective test image.*overlap.*lower ratio"):
-        inject_noise(index, ratio, protocol="disjoint")
+def test_disjoint_draws_from_the_category_pool_and_keeps_the_whole_test_set(index):
+    base = index.root / index.category
+    masks = base / "defect_pool_ground_truth" / "crack"
+    pool = tuple(Sample(base / "defect_pool" / "crack" / f"{i:03d}.png", 1, "crack", masks / f"{i:03d}_mask.png")
+                 for i in range(30))  # fmt: skip
+    with_pool = CategoryIndex(index.root, index.category, index.train, index.test, False, True, pool)
+    split = inject_noise(with_pool, 0.2, protocol="disjoint", seed=1)  # d = 25 of 30: no re-draw
+    assert split.test == index.test and split.n_redrawn == 0
+    assert {item.sample for item in split.injected} <= set(pool)
+    assert split.manifest["pool"] == {"source": "defect_pool", "size": 30, "n_test_defective_full": 20}
+    # The overlap protocol ignores the pool, and its manifest has no pool entry (its hash is as before the pools).
+    overlap = inject_noise(with_pool, 0.2, protocol="overlap", seed=1)
+    assert overlap.manifest == inject_noise(index, 0.2, protocol="overlap", seed=1).manifest
+    assert "pool" not in overlap.manifest and all("pool" not in e for e in overlap.manifest["files"])
 
 
-def test_disjoint_exactly_exhausting_the_pool_fails(tmp_path):
-    index = make_index(tmp_path, n_good=80)  # d = round(0.2 * 80 / 0.8) = 20 = the whole pool
-    with pytest.raises(TrustMAEError, match="no defective"):
+def test_disjoint_with_nothing_to_split_fails(tmp_path):
+    index = make_index(tmp_path, types={"crack": 1, "hole": 1})  # a type with one image keeps it in the test set
+    assert inject_noise(index, 0.0, protocol="disjoint").test == index.test
+    with pytest.raises(TrustMAEError, match="disjoint.*no defective images.*overlap.*defect_pool"):
         inject_noise(index, 0.2, protocol="disjoint")
-    assert inject_noise(index, 0.2, protocol="overlap").n_redrawn == 0
 
 
 def test_disjoint_without_normal_test_images_fails(tmp_path):

@@ -108,6 +108,8 @@ def test_shipped_sweep_files_load():
         "sweep_cpu",
         "sweep_paper",
         "sweep_cpu_textures",
+        "sweep_cpu_calibration",
+        "sweep_cpu_disjoint",
         "sweep_cpu_bar",
         "sweep_cpu_readings",
         "sweep_cpu_full",

@@ -11,6 +11,7 @@ from PIL import Image
 from trustmae_lib.config import load_profile
 from trustmae_lib.data import elpv, synthetic
 from trustmae_lib.data.mvtec import list_categories, read_image, read_mask, scan_category
+from trustmae_lib.data.noise import defect_count
 from trustmae_lib.errors import TrustMAEError
 
 SMOKE = load_profile("smoke")
@@ -41,9 +42,16 @@ def test_layout_counts_and_provenance(synth):
         assert idx.fixed_orientation == (cat in synthetic.FIXED_ORIENTATION)
         a = read_image(idx.train[0].image)
         assert a.shape == (SMOKE.synthetic_size, SMOKE.synthetic_size, 3)
+        # The defect pool: enough for 40 % noise, every type, masks, and no file shared with the test set.
+        assert len(idx.pool) == synthetic.pool_size(SMOKE.synthetic_train) == defect_count(SMOKE.synthetic_train, 0.4)
+        assert {s.defect_type for s in idx.pool} == set(types) and all(s.mask is not None for s in idx.pool)
+        test_bytes = {s.image.read_bytes() for s in idx.test_defective}
+        assert not test_bytes & {s.image.read_bytes() for s in idx.pool}
     assert len(set(synthetic.TEXTURE_DEFECTS)) >= 5 and "missing_part" in synthetic.OBJECT_DEFECTS
+    assert {"missing_tooth", "bent_tooth", "contamination", "wrong_colour"} == set(synthetic.GEAR_DEFECTS)
     info = json.loads((synth / "dataset.json").read_text())
     assert info["fixed_orientation"] == ["widget"] and info["seed"] == 0 and info["size"] == SMOKE.synthetic_size
+    assert info["generator_version"] == synthetic.GENERATOR_VERSION and info["category_versions"]["widget"] == 1
     assert info["categories"] == list(synthetic.CATEGORIES) and "brick" in info["sources"]["brick"]
     assert synthetic.is_current(synth, SMOKE, 0) and not synthetic.is_current(synth, SMOKE, 1)
 
@@ -61,16 +69,40 @@ def test_same_seed_gives_identical_bytes(synth, tmp_path):
 
 def test_written_masks_are_exactly_the_changed_pixels(synth):
     for cat in synthetic.CATEGORIES:
-        for s in scan_category(synth, cat).test_defective:
-            rng = synthetic.image_rng(0, cat, "test_defect", s.defect_type, int(s.image.stem))
-            clean, _ = synthetic.render_normal(cat, rng, SMOKE.synthetic_size)
-            image = read_image(s.image)
-            mask = read_mask(s.mask, image.shape[:2])
-            np.testing.assert_array_equal((image != clean).any(-1), mask)
-            assert 4 <= mask.sum() <= 0.08 * mask.size  # visible, but a small part of the image
+        index = scan_category(synth, cat)
+        for split, samples in (("test_defect", index.test_defective), ("pool", index.pool)):
+            for s in samples:
+                rng = synthetic.image_rng(0, cat, split, s.defect_type, int(s.image.stem))
+                clean, _ = synthetic.render_normal(cat, rng, SMOKE.synthetic_size)
+                image = read_image(s.image)
+                mask = read_mask(s.mask, image.shape[:2])
+                np.testing.assert_array_equal((image != clean).any(-1), mask)
+                assert 4 <= mask.sum() <= 0.12 * mask.size  # visible, but a small part of the image
 
 
-@pytest.mark.parametrize("kind", sorted(set(synthetic.TEXTURE_DEFECTS + synthetic.OBJECT_DEFECTS)))
+def test_image_streams_of_the_widget_are_those_of_version_1():
+    # The widget's images must not change with the generator (its committed results stay current): its streams are
+    # [seed, category index 3, split id, v1 defect id, number] as in version 1, whatever types were added since.
+    v1 = {"good": 0, "color_spot": 1, "crack": 2, "scratch": 4, "missing_part": 8}
+    for kind, ident in v1.items():
+        for split, sid in (("train", 0), ("test_good", 1), ("test_defect", 2)):
+            a = synthetic.image_rng(5, "widget", split, kind, 7).random(3)
+            np.testing.assert_array_equal(a, np.random.default_rng([5, 3, sid, ident, 7]).random(3))
+    assert synthetic.CATEGORIES.index("widget") == 3
+    assert synthetic.DEFECT_SPECS["widget"]["scratch"]["width"] == (1.0, 1.6)
+
+
+def test_the_gear_turns_and_its_part_defects_change_only_their_part():
+    rng = np.random.default_rng(3)
+    params = [synthetic.render_normal("gear", rng, 96)[1] for _ in range(6)]
+    assert np.ptp([p["theta"] for p in params]) > 1.0  # seen at many angles (training augments it)
+    clean, p = synthetic.render_normal("gear", np.random.default_rng(4), 96)
+    for kind in ("missing_tooth", "bent_tooth", "wrong_colour"):
+        image, mask = synthetic.paint_defect(clean, kind, np.random.default_rng(1), "gear", p)
+        assert 10 <= mask.sum() <= 0.08 * mask.size, kind  # one tooth or the hub ring, not the whole gear
+
+
+@pytest.mark.parametrize("kind", synthetic.ALL_DEFECTS)
 def test_paint_defect_mask_exactness(kind):
     cats = [c for c in synthetic.CATEGORIES if kind in synthetic.DEFECT_TYPES[c]]
     for cat in cats:

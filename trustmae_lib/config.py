@@ -232,6 +232,21 @@ DATASET_JSON_KEYS = {
     "windows",
 }
 
+#: Version of each embedded category's train and test images, bumped when they change. From version 2 on it is part
+#: of a run's config hash, so results computed on older images go stale (version 1 is left out of the hash, so cells
+#: on unchanged images keep theirs). The synthetic generator's version 2 recalibrated the textures and added the gear;
+#: the widget's images did not change.
+CATEGORY_VERSIONS = {
+    "synthetic": {"brick": 2, "grass": 2, "gravel": 2, "widget": 1, "gear": 2},
+    "elpv": {"mono": 1, "poly": 1},
+}
+
+
+def category_version(dataset: str, category: str) -> int:
+    """The version of an embedded category's images (1 for a user's dataset folder)."""
+    return CATEGORY_VERSIONS.get(str(dataset), {}).get(category, 1)
+
+
 #: The noise levels of supplement Tables 3 and 4.
 PAPER_NOISE_RATIOS = (0.05, 0.10, 0.15, 0.20, 0.30, 0.40)
 
@@ -325,7 +340,8 @@ class RunSpec:
         return dataclasses.asdict(self)
 
     def config_hash(self) -> str:
-        """Hash of the spec, the resolved profile, the library version and the loss weights (12 hex digits)."""
+        """Hash of the spec, the resolved profile, the library version, the loss weights and the version of an
+        embedded category's images (12 hex digits)."""
         from trustmae_lib import __version__
 
         # The library version and the Eq. 9 weights are part of the key: a changed default invalidates old runs.
@@ -335,8 +351,11 @@ class RunSpec:
         spec = {k: v for k, v in self.to_dict().items() if k not in defaults or v != defaults[k]}
         if self.reading:
             spec["reading_overrides"] = READINGS[self.reading]
-        blob = json.dumps({"spec": spec, "profile": self.load_profile().to_dict(), "version": __version__,
-                           "loss_weights": dataclasses.asdict(LossWeights())}, sort_keys=True)  # fmt: skip
+        key = {"spec": spec, "profile": self.load_profile().to_dict(), "version": __version__,
+               "loss_weights": dataclasses.asdict(LossWeights())}  # fmt: skip
+        if category_version(self.dataset, self.category) != 1:  # the images changed: earlier results are stale
+            key["data_version"] = category_version(self.dataset, self.category)
+        blob = json.dumps(key, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def file_stem(self) -> str:

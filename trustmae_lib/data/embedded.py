@@ -85,12 +85,13 @@ def ensure_dataset(name: str | Path, profile, seed: int = 0) -> Path:
 
 
 def describe(root: str | Path) -> list[dict]:
-    """One row per category: counts, defect types, masks and orientation (for the CLI and the book)."""
+    """One row per category: counts (the defect pool's too), defect types, masks and orientation (for the CLI and the
+    book)."""
     rows = []
     for cat in list_categories(root):
         idx = scan_category(root, cat)
         tg, ttg, ttd, nd = idx.counts
         rows.append({"category": cat, "train_good": tg, "test_good": ttg, "test_defective": ttd,
-                     "defect_types": ",".join(idx.defect_types), "masks": idx.has_masks,
-                     "fixed_orientation": idx.fixed_orientation})  # fmt: skip
+                     "defect_pool": len(idx.pool), "defect_types": ",".join(idx.defect_types),
+                     "masks": idx.has_masks, "fixed_orientation": idx.fixed_orientation})  # fmt: skip
     return rows

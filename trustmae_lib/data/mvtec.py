@@ -11,6 +11,8 @@ Layout read by :func:`scan_category`::
     <root>/<category>/train/good/*.png
     <root>/<category>/test/<defect type or good>/*.png             (optional: needed to evaluate, and to inject noise)
     <root>/<category>/ground_truth/<defect type>/<stem>_mask.png   (optional for the whole category)
+    <root>/<category>/defect_pool/<defect type>/*.png               (optional: defective images never tested)
+    <root>/<category>/defect_pool_ground_truth/<defect type>/<stem>_mask.png
     <root>/dataset.json                                           (optional, see DATASET_JSON_KEYS)
 
 ``dataset.json`` is a JSON object; the reader uses two keys (:data:`DATASET_JSON_KEYS`), each a list of category
@@ -76,6 +78,8 @@ MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
 #: Categories the supplement trains without geometric augmentation.
 FIXED_ORIENTATION = frozenset({"cable", "metal_nut", "transistor"})
 
+#: Folders of a category's defect pool (defective images kept out of the test set, for the ``disjoint`` protocol).
+POOL_DIR, POOL_MASK_DIR = "defect_pool", "defect_pool_ground_truth"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 #: The keys of ``<root>/dataset.json`` the reader uses, each a list of category names, and what they do.
 
@@ -114,6 +118,8 @@ class CategoryIndex:
             ``test/`` folder (training needs only ``train/good``).
         fixed_orientation: True -> no flips/rotations during training (supplement).
         has_masks: the category has a ``ground_truth/`` folder (pixel labels); False for image-level sets.
+        pool: defective images kept apart from the test set (``defect_pool/<defect type>/``, masks in
+            ``defect_pool_ground_truth/``), which the ``disjoint`` noise protocol injects; empty for MVTec AD.
     """
 
     root: Path
@@ -122,6 +128,7 @@ class CategoryIndex:
     test: tuple[Sample, ...]
     fixed_orientation: bool
     has_masks: bool
+    pool: tuple[Sample, ...] = ()
 
     @property
     def test_good(self) -> tuple[Sample, ...]:
@@ -258,17 +265,36 @@ def scan_category(root: str | Path, category: str) -> CategoryIndex:
 
     gt_dir = folder / "ground_truth"
     has_masks = gt_dir.is_dir()
-    masks: dict[tuple[str, str], Path] = {}  # (defect type, image stem) -> mask path
-    if has_masks:
-        for sub in _subdirs(gt_dir):
-            for m in _images_in(sub):
-                stem = m.stem[: -len("_mask")] if m.stem.endswith("_mask") else m.stem
-                masks[(sub.name, stem)] = _inside(m, root)
-
-    test: list[Sample] = []
-    used: set[tuple[str, str]] = set()
+    test = _scan_labelled(folder / "test", gt_dir, root, has_masks, folder / "test")
     test_dir = folder / "test"
-    for sub in _subdirs(test_dir) if test_dir.is_dir() else []:
+    if not test and test_dir.is_dir():
+        raise TrustMAEError(f"{test_dir} holds no images; add test/good and test/<defect> images, or remove the "
+                            "empty folder to train without a test set")  # fmt: skip
+    pool = _scan_labelled(folder / POOL_DIR, folder / POOL_MASK_DIR, root, has_masks, folder / POOL_DIR)
+    if any(s.label == 0 for s in pool):
+        raise TrustMAEError(f"{folder / POOL_DIR / 'good'} is not allowed: the defect pool holds defective images "
+                            "only (normal training images go to train/good)")  # fmt: skip
+    fixed = set(FIXED_ORIENTATION) | set(dataset_info(root).get("fixed_orientation", ()))
+    return CategoryIndex(root, category, train, tuple(test), category in fixed, has_masks, tuple(pool))
+
+
+def _masks_in(gt_dir: Path, root: Path) -> dict[tuple[str, str], Path]:
+    """``(defect type, image stem) -> mask path`` for the masks under ``gt_dir/<defect type>/``."""
+    masks: dict[tuple[str, str], Path] = {}
+    for sub in _subdirs(gt_dir) if gt_dir.is_dir() else []:
+        for m in _images_in(sub):
+            stem = m.stem[: -len("_mask")] if m.stem.endswith("_mask") else m.stem
+            masks[(sub.name, stem)] = _inside(m, root)
+    return masks
+
+
+def _scan_labelled(images_dir: Path, gt_dir: Path, root: Path, has_masks: bool, where: Path) -> list[Sample]:
+    """The samples of ``images_dir/<defect type or good>/``, each defective one matched to its mask in ``gt_dir``
+    (``test/`` with ``ground_truth/``, or the defect pool with its own mask folder)."""
+    masks = _masks_in(gt_dir, root) if has_masks else {}
+    samples: list[Sample] = []
+    used: set[tuple[str, str]] = set()
+    for sub in _subdirs(images_dir) if images_dir.is_dir() else []:
         label = 0 if sub.name == "good" else 1
         for p in _images_in(sub):
             key = (sub.name, p.stem)
@@ -276,25 +302,20 @@ def scan_category(root: str | Path, category: str) -> CategoryIndex:
             if mask is None and label == 1 and has_masks:
                 want = gt_dir / sub.name / f"{p.stem}_mask.png"
                 raise TrustMAEError(
-                    f"defective image {p} has no mask {want}; add the mask, or remove {gt_dir} altogether "
-                    "for image-level labels"
+                    f"defective image {p} has no mask {want}; add the mask, or remove the category's ground_truth "
+                    "folder altogether for image-level labels"
                 )
             if mask is not None:
                 used.add(key)
-            test.append(Sample(_inside(p, root), label, sub.name, mask))
+            samples.append(Sample(_inside(p, root), label, sub.name, mask))
     orphans = sorted(set(masks) - used)
     if orphans:
         mask = masks[orphans[0]]
         raise TrustMAEError(
-            f"mask {mask} has no image {folder / 'test' / orphans[0][0] / orphans[0][1]}.*; "
+            f"mask {mask} has no image {where / orphans[0][0] / orphans[0][1]}.*; "
             f"add the image or delete the mask ({len(orphans)} orphan mask(s) in {gt_dir})"
         )
-    if not test and test_dir.is_dir():
-        raise TrustMAEError(f"{test_dir} holds no images; add test/good and test/<defect> images, or remove the "
-                            "empty folder to train without a test set")  # fmt: skip
-
-    fixed = set(FIXED_ORIENTATION) | set(dataset_info(root).get("fixed_orientation", ()))
-    return CategoryIndex(root, category, train, tuple(test), category in fixed, has_masks)
+    return samples
 
 
 def mvtec_count_mismatch(index: CategoryIndex) -> str | None:
@@ -388,6 +409,23 @@ def read_mask(path: str | Path, size_hw: tuple[int, int]) -> np.ndarray:
             "regenerate the mask at the image's size"
         )
     return mask
+
+
+def defect_areas(index: CategoryIndex) -> list[dict]:
+    """The area of every masked defect of a category, as a fraction of its image: one row per defective image of the
+    test set (``set: "test"``) and of the defect pool (``set: "pool"``), with ``category``, ``defect_type`` and
+    ``area``. Images without a mask are left out (image-level datasets give no rows)."""
+    rows = []
+    for name, samples in (("test", index.test_defective), ("pool", index.pool)):
+        for s in samples:
+            if s.mask is None:
+                continue
+            with _open(s.image, "image") as img:
+                hw = (img.height, img.width)
+            mask = read_mask(s.mask, hw)
+            rows.append({"category": index.category, "set": name, "defect_type": s.defect_type,
+                         "area": float(mask.mean())})  # fmt: skip
+    return rows
 
 
 def to_tensor(image_u8: np.ndarray, size: int) -> torch.Tensor:

@@ -16,8 +16,12 @@ say how the contaminated sets were built. This module fixes one protocol and rec
   defective test images = 360 pairs) is a multiple of 1/360 at every noise level (1/1080 for three MemAE
   entries, e.g. a mean of three runs on 360 pairs), whereas removing the injected images would leave
   12 x 27 = 324 pairs at 5 % and no defective test image at all at 40 % (40 defects needed, 30 exist).
-  Protocol ``disjoint``: the injected originals leave the test set (possible only while the pool is not
-  exhausted; the ELPV benchmark has room for it).
+  Protocol ``disjoint``: the defective training images never appear in the test set. They come from the
+  category's own defect pool when the dataset has one (``defect_pool/``: the synthetic generator writes one per
+  category), otherwise from a fixed split of the defective test images (:func:`disjoint_sets`: about half of each
+  defect type, the same for every seed and ratio, so all disjoint runs of a category share one smaller test set --
+  elpv, and a user's MVTec AD folder). Pools that run out are re-drawn like the overlap pool. The manifest records
+  the pool each injected image came from and the test set's size.
 * **Manifest.** Every chosen file, with its role, goes into a JSON manifest with paths relative to the data
   root; its hash goes into each result so a run can be traced to its exact training and test files.
 
@@ -42,7 +46,7 @@ import numpy as np
 import pandas as pd
 
 from trustmae_lib.config import PROTOCOLS
-from trustmae_lib.data.mvtec import CategoryIndex, Sample
+from trustmae_lib.data.mvtec import POOL_DIR, CategoryIndex, Sample
 from trustmae_lib.errors import TrustMAEError
 from trustmae_lib.io import read_json, write_json
 
@@ -52,6 +56,7 @@ __all__ = [
     "TrainItem",
     "NoisySplit",
     "defect_count",
+    "disjoint_sets",
     "inject_noise",
     "save_manifest",
     "load_manifest",
@@ -60,6 +65,9 @@ __all__ = [
 
 MAX_RATIO = 0.9
 MANIFEST_VERSION = 1
+#: The ``disjoint`` protocol without a defect pool: the seed of the split of the defective test images (fixed, so
+#: that every seed and ratio of a category is tested on the same images).
+SPLIT_SEED = 0
 _ROLES = ("train_good", "train_injected", "test")
 
 
@@ -208,7 +216,7 @@ def _relative(path: Path, root: Path, what: str) -> str:
     raise TrustMAEError(f"{what} {path} is not under the data root {root}; build the index from that root")
 
 
-def _entry(sample: Sample, root: Path, role: str, redraw: int | None = None) -> dict:
+def _entry(sample: Sample, root: Path, role: str, redraw: int | None = None, pool: str | None = None) -> dict:
     entry = {
         "role": role,
         "image": _relative(sample.image, root, "image"),
@@ -218,6 +226,8 @@ def _entry(sample: Sample, root: Path, role: str, redraw: int | None = None) -> 
     }
     if redraw is not None:
         entry["redraw"] = int(redraw)
+    if pool is not None:
+        entry["pool"] = pool
     return entry
 
 
@@ -232,15 +242,17 @@ def _build_manifest(
     n_good: int,
     n_injected: int,
     n_redrawn: int,
+    pool: dict | None = None,
 ) -> dict:
+    source = None if pool is None else pool["source"]
     files = [
         _entry(item.sample, root, "train_good")
         if item.sample.label == 0
-        else _entry(item.sample, root, "train_injected", item.redraw)
+        else _entry(item.sample, root, "train_injected", item.redraw, source)
         for item in train
     ]
     files += [_entry(s, root, "test") for s in test]
-    return {
+    manifest = {
         "version": MANIFEST_VERSION,
         "category": str(category),
         "ratio": float(ratio),
@@ -256,12 +268,33 @@ def _build_manifest(
         },
         "files": files,
     }
+    if pool is not None:  # only under 'disjoint', so overlap manifests (and their hashes) are as before
+        manifest["pool"] = dict(pool)
+    return manifest
+
+
+def disjoint_sets(index: CategoryIndex) -> tuple[tuple[Sample, ...], tuple[Sample, ...], str]:
+    """The ``disjoint`` protocol's ``(pool, test set, source)`` for a category.
+
+    ``source`` is ``"defect_pool"`` when the category has its own pool (the test set is then the full test set),
+    else ``"test_split"``: of each defect type's test images, ``n // 2`` chosen with :data:`SPLIT_SEED` form the pool
+    and the rest stay in the (smaller) test set -- a type with a single image keeps it in the test set.
+    """
+    if index.pool:
+        return tuple(index.pool), tuple(index.test), "defect_pool"
+    rng = np.random.default_rng(SPLIT_SEED)
+    moved: set[Sample] = set()
+    for kind in index.defect_types:
+        members = [s for s in index.test_defective if s.defect_type == kind]
+        moved.update(members[j] for j in rng.permutation(len(members))[: len(members) // 2])
+    pool = tuple(s for s in index.test_defective if s in moved)
+    return pool, tuple(s for s in index.test if s not in moved), "test_split"
 
 
 def inject_noise(index: CategoryIndex, ratio: float, protocol: str = "overlap", seed: int = 0) -> NoisySplit:
-    """Build a noisy training set: all normal training images plus ``d`` defective test images.
+    """Build a noisy training set: all normal training images plus ``d`` defective images.
 
-    ``d = defect_count(n_good, ratio)``. The defective images come from ``index.test_defective``, drawn with a
+    ``d = defect_count(n_good, ratio)``. The defective images come from the protocol's pool, drawn with a
     ``numpy`` Generator seeded by ``seed``: without replacement first, spread evenly over the defect types; if
     the pool is smaller than ``d``, further passes over it add augmented re-draws (``redraw`` 1, 2, ...).
 
@@ -269,9 +302,9 @@ def inject_noise(index: CategoryIndex, ratio: float, protocol: str = "overlap", 
         ``overlap`` (default, the paper's reading): the test set is ``index.test`` unchanged. Evidence: the
         supplement's Table 4 toothbrush AUCs are multiples of 1/360 (12 good x 30 defective test images) at
         every noise level, so the full test set was scored.
-        ``disjoint``: the injected originals are removed from the test set; an error if that would leave no
-        defective or no normal test image (a category without any test images trains under either protocol at
-        ratio 0).
+        ``disjoint``: the injected images come from a pool never tested (:func:`disjoint_sets`: the category's
+        ``defect_pool/``, or a fixed split of its defective test images); an error if that leaves no defective or
+        no normal test image (a category without any test images trains under either protocol at ratio 0).
 
     At ratio 0 nothing is injected and the category needs no test images at all (a ``train/good``-only folder).
 
@@ -301,33 +334,35 @@ def inject_noise(index: CategoryIndex, ratio: float, protocol: str = "overlap", 
         )
     n_good = len(index.train)
     d = defect_count(n_good, ratio)
-    pool = tuple(index.test_defective)
-    if d > 0 and not pool:
+    if protocol == "overlap":
+        pool, test, pool_info = tuple(index.test_defective), tuple(index.test), None
+    else:
+        pool, test, source = disjoint_sets(index)
+        pool_info = {"source": source, "size": len(pool), "n_test_defective_full": len(index.test_defective)}
+    if d > 0 and not pool and protocol == "overlap":
         where = index.root / index.category / "test"
         raise TrustMAEError(
             f"{index.category}: no defective test images ({where}/<defect type>/) to inject at noise ratio {ratio}; "
             "use noise ratio 0 (for a training folder that already holds defects, pass --contamination instead)"
         )
+    if d > 0 and not pool:
+        raise TrustMAEError(
+            f"{index.category}: protocol 'disjoint' finds no defective images to inject at noise ratio {ratio} (no "
+            f"{POOL_DIR}/ folder, and no defect type has two test images to split); use protocol 'overlap' or add "
+            f"defective images under {index.root / index.category / POOL_DIR}/<defect type>/"
+        )
+    missing = [name for name, lab in (("defective", 1), ("normal", 0)) if not any(s.label == lab for s in test)]
+    if protocol == "disjoint" and index.test and missing:  # no test set at all (train/good only) is allowed
+        raise TrustMAEError(
+            f"{index.category}: protocol 'disjoint' leaves no {' or '.join(missing)} test image ({len(pool)} of "
+            f"{len(index.test_defective)} defective test images form the pool); add test images or use 'overlap'"
+        )
     picks = _draw(pool, d, seed)
     injected = tuple(TrainItem(pool[i], k) for i, k in picks)
     n_redrawn = sum(1 for _, k in picks if k > 0)
-
-    if protocol == "overlap":
-        test = tuple(index.test)
-    else:
-        moved = {pool[i] for i, _ in picks}
-        test = tuple(s for s in index.test if s not in moved)
-        missing = [name for name, lab in (("defective", 1), ("normal", 0)) if not any(s.label == lab for s in test)]
-        missing = missing if index.test else []  # no test set at all (train/good only): nothing to keep apart
-        if missing:
-            raise TrustMAEError(
-                f"{index.category}: protocol 'disjoint' at noise ratio {ratio} ({d} defects, pool "
-                f"{len(pool)}) leaves no {' or '.join(missing)} test image; "
-                "use protocol 'overlap' or a lower ratio"
-            )
     train = tuple(TrainItem(s) for s in index.train) + injected
     manifest = _build_manifest(
-        index.root, index.category, ratio, protocol, seed, train, test, n_good, len(injected), n_redrawn
+        index.root, index.category, ratio, protocol, seed, train, test, n_good, len(injected), n_redrawn, pool_info
     )
     return NoisySplit(
         category=index.category,
@@ -441,6 +476,7 @@ def load_manifest(path: str | Path, root: str | Path) -> NoisySplit:
         sum(1 for t in split.train if t.sample.label == 0),
         len(split.injected),
         sum(1 for t in split.injected if t.redraw > 0),
+        data.get("pool"),
     )
     if rebuilt != data:
         raise TrustMAEError(f"noise manifest {path} is inconsistent (counts or fields edited); regenerate it")

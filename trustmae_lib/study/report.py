@@ -76,8 +76,8 @@ CONTEXT_ROWS = (Row("PatchCore-style (context)", "patchcore", "patch_knn", None)
 def results_frame(results: Iterable[dict]) -> pd.DataFrame:
     """One row per (result file, scoring variant) with the metrics and the provenance needed for tables.
 
-    Columns: ``dataset, category, noise, method, reading, variant, seed, image_auroc, pixel_auroc, f1, precision,
-    recall, train_wall_s, eval_wall_s, steps, backbone, profile, config_hash, file``.
+    Columns: ``dataset, category, noise, protocol, method, reading, variant, seed, image_auroc, pixel_auroc, f1,
+    precision, recall, train_wall_s, eval_wall_s, steps, backbone, profile, config_hash, file``.
     """
     rows = []
     for res in results:
@@ -87,6 +87,7 @@ def results_frame(results: Iterable[dict]) -> pd.DataFrame:
                     "dataset": str(res.get("dataset")).rstrip("/").split("/")[-1],
                     "category": res.get("category"),
                     "noise": float(res.get("noise_ratio", 0.0)),
+                    "protocol": res.get("protocol", "overlap"),
                     "method": res.get("method"),
                     "reading": res.get("reading") or "",
                     "variant": variant,
@@ -105,9 +106,9 @@ def results_frame(results: Iterable[dict]) -> pd.DataFrame:
                     "file": res.get("file", ""),
                 }
             )
-    columns = ["dataset", "category", "noise", "method", "reading", "variant", "seed", "image_auroc", "pixel_auroc",
-               "f1", "precision", "recall", "train_wall_s", "eval_wall_s", "steps", "backbone", "profile",
-               "config_hash", "file"]  # fmt: skip
+    columns = ["dataset", "category", "noise", "protocol", "method", "reading", "variant", "seed", "image_auroc",
+               "pixel_auroc", "f1", "precision", "recall", "train_wall_s", "eval_wall_s", "steps", "backbone",
+               "profile", "config_hash", "file"]  # fmt: skip
     frame = pd.DataFrame(rows, columns=columns)
     for col in ("image_auroc", "pixel_auroc", "f1", "precision", "recall"):
         frame[col] = pd.to_numeric(frame[col], errors="coerce")
