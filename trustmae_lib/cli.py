@@ -288,7 +288,9 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
                    help=_CONTAMINATION_HELP + " (default: the noise ratio)")  # fmt: skip
     p.add_argument("--augment", default="auto", choices=AUGMENT,
                    help="flips and 90-degree turns of the training images (default: auto, see below)")  # fmt: skip
-    p.add_argument("--protocol", default="overlap", choices=PROTOCOLS, help="noise protocol (default: overlap)")
+    p.add_argument("--protocol", default="overlap", choices=PROTOCOLS,
+                   help="noise protocol: overlap (defects drawn from the test set; default) or disjoint (from a "
+                   "pool never tested: the category's defect_pool/, else half of each type's test images)")  # fmt: skip
     p.add_argument("--method", default="trustmae", choices=METHODS, help="what to train (default: trustmae)")
     _add_profile(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draw and the training (default: 0)")

@@ -38,7 +38,8 @@ def image_grid(
     ncols: int = 6,
     size: float = 1.6,
 ) -> Figure:
-    """A grid of images; where a mask is given its outline is drawn in red over the image."""
+    """A grid of images; where a mask is given its outline is drawn in red over the image. A ``None`` image leaves
+    its cell empty (to line rows of different lengths up)."""
     n = len(images)
     ncols = min(ncols, n)
     nrows = int(np.ceil(n / ncols))
@@ -48,6 +49,8 @@ def image_grid(
     for ax in axes.flat:
         ax.axis("off")
     for i, image in enumerate(images):
+        if image is None:
+            continue
         ax = axes.flat[i]
         ax.imshow(to_display(image), cmap="gray", vmin=0, vmax=1)
         if masks is not None and masks[i] is not None and _mask_array(masks[i]).any():
