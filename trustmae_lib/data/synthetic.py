@@ -76,11 +76,11 @@ STREAM_IDS = {"good": 0, "color_spot": 1, "crack": 2, "hole": 3, "scratch": 4, "
 #: textures were recalibrated in version 2 (chapter 1 says why).
 DEFECT_SPECS = {
     "texture": {
-        "scratch": {"length": (0.25, 0.45), "width": (2.0, 3.2), "opacity": (0.5, 0.8)},
+        "scratch": {"length": (0.25, 0.45), "width": (2.4, 3.4), "opacity": (0.6, 0.9)},
         "crack": {"segments": (12, 18), "step": (0.025, 0.04), "width": (2.0, 3.0), "opacity": (0.5, 0.8)},
-        "hole": {"radius": (0.045, 0.075), "depth": (0.45, 0.75)},  # brightness left at the pit's centre
+        "hole": {"radius": (0.05, 0.08), "depth": (0.3, 0.6)},  # brightness left at the pit's centre
         "smudge": {"radius": (0.09, 0.13), "blur": (2.5, 4.0), "opacity": (0.85, 1.0)},  # blur: sigma at 128 px
-        "stain": {"radius": (0.08, 0.13), "opacity": (0.55, 0.75)},
+        "stain": {"radius": (0.08, 0.13), "opacity": (0.65, 0.85)},
         "color_spot": {"radius": (0.05, 0.075), "opacity": (0.45, 0.7)},
     },
     "widget": {
