@@ -67,11 +67,14 @@ class StepBench:
         amp: ``None`` or ``torch.bfloat16`` (autocast inside the library's step).
         category: decides the texture protocol of the AE baselines (``brick`` is a texture).
         seed: initialisation and data order.
+        fast: the library's speed path (:attr:`trustmae_lib.config.RunSpec.fast`: channels-last and the perceptual
+            backbone's BatchNorm folded into its convolutions).
     """
 
-    def __init__(self, method, profile, device, channels_last=False, amp=None, category="brick", seed=0):
+    def __init__(self, method, profile, device, channels_last=False, amp=None, category="brick", seed=0, fast=False):
+        channels_last = channels_last or fast  # the speed path trains channels-last (RunSpec.fast)
         self.device, self.channels_last, self.seed = device, channels_last, seed
-        spec = RunSpec(category=category, method=method, profile=profile.name, seed=seed)
+        spec = RunSpec(category=category, method=method, profile=profile.name, seed=seed, fast=fast)
         seed_everything(seed)
         with common.patched_backbone(common.vgg19_available()) as used:
             models = methods.build_models(spec, profile)

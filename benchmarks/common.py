@@ -352,10 +352,10 @@ def patched_backbone(pretrained_vgg: bool):
     original = perceptual.build_backbone
     used: dict = {}
 
-    def build(name, pretrained=True, after_relu=True):
+    def build(name, pretrained=True, after_relu=True, fold_bn=False):
         if name == "vgg19" and pretrained and not pretrained_vgg:
             pretrained = False
-        backbone = original(name, pretrained=pretrained, after_relu=after_relu)
+        backbone = original(name, pretrained=pretrained, after_relu=after_relu, fold_bn=fold_bn)
         used["weights"] = backbone.weights_source
         return backbone
 

@@ -167,8 +167,11 @@ def analyse(events, layer_names: set[str], part_names: set[str]) -> dict:
     return {"categories": cats, "ops": ops, "fwd": fwd, "bwd": bwd}
 
 
-def profile_one(profile, layout: str, device, warmup: int, wait_idle: float = 0.0) -> dict:
-    bench = StepBench("trustmae", profile, device, channels_last=layout == "channels_last")
+def profile_one(profile, layout: str, device, warmup: int, wait_idle: float = 0.0, fast: bool = False) -> dict:
+    """One profiled TrustMAE step of ``profile`` in ``layout`` (``fast``: the library's speed path, channels-last
+    with the backbone's BatchNorm folded)."""
+    bench = StepBench("trustmae", profile, device, channels_last=layout == "channels_last", fast=fast)
+    layout = "channels_last" if fast else layout
     nets = networks(bench)
     layers = leaf_layers(nets)
     parts = parts_of(nets)
@@ -246,6 +249,7 @@ def profile_one(profile, layout: str, device, warmup: int, wait_idle: float = 0.
         "profile": profile.name,
         "method": "trustmae",
         "layout": layout,
+        "fast": fast,
         "batch": profile.batch_size,
         "image_size": profile.image_size,
         "width": profile.width,
@@ -266,6 +270,7 @@ def parse_args(argv=None):
     p = common.base_parser(__doc__.splitlines()[0], "results/bench/profile.json")
     p.add_argument("--profiles", nargs="+", default=["cpu", "paper"])
     p.add_argument("--layout", default="nchw", choices=["nchw", "channels_last"])
+    p.add_argument("--fast", action="store_true", help="the library's speed path (RunSpec.fast)")
     return p.parse_args(argv)
 
 
@@ -280,7 +285,7 @@ def main(argv=None) -> int:
     ref = lim["float32"]["gflops"]
     rows = []
     for name in args.profiles:
-        row = profile_one(load_profile(name), args.layout, device, max(1, args.warmup), args.wait_idle)
+        row = profile_one(load_profile(name), args.layout, device, max(1, args.warmup), args.wait_idle, args.fast)
         rows.append(row)
         common.log(f"  {name}: step {row['step_ms_plain']:.0f} ms (profiled {row['step_ms_profiled']:.0f} ms)")
         for c in row["categories"]:

@@ -169,6 +169,28 @@ def test_profile_step_schema(tmp_path, keep_threads):
     assert 0 < sum(layer["gflop"] for layer in row["layers"]) <= row["step_gflop"] * 1.0001
 
 
+def test_bench_speedup_schema_interleaves_the_arms_and_profiles_both(tmp_path, keep_threads):
+    out = tmp_path / "speedup.json"
+    args = ["--profile", "smoke", "--thread-counts", "1", "--out", str(out), "--matmul-size", "128"]
+    assert _load("bench_speedup").main(args + ["--repeats", "2", "--warmup", "0", "--wait-idle", "0"]) == 0
+    data = json.loads(out.read_text())
+    assert data["kind"] == "speedup" and data["profile"] == "smoke" and data["threads"] == 1
+    assert {"cpu", "cpu_capability", "native_bf16", "torch"} <= set(data["machine"])
+    (row,) = data["by_threads"]
+    assert set(row["arms"]) == {"before", "after"} | ({"after+bf16"} if data["machine"]["native_bf16"] else set())
+    assert all(len(arm["step"]["runs_s"]) == 2 for arm in row["arms"].values())
+    assert data["before_ms"] == row["arms"]["before"]["step_ms"] and data["after_ms"] == row["arms"]["after"]["step_ms"]
+    assert math.isclose(data["speedup"], data["before_ms"] / data["after_ms"], rel_tol=1e-2)
+    assert data["float32_limit_gflops"] > 0 and 0 < data["ratio_to_matmul"]
+    # Folding BatchNorm removes no convolution: both arms count the same conv FLOPs (BatchNorm is not counted).
+    assert math.isclose(row["arms"]["after"]["gflop_per_step"], row["arms"]["before"]["gflop_per_step"], rel_tol=1e-3)
+    before, after = ({p["part"]: p for p in data["parts"][k]["parts"]} for k in ("before", "after"))
+    assert set(before) == set(after) >= {"encoder", "decoder", "discriminator", "backbone"}
+    # The folded backbone runs no BatchNorm; the generator still does (CBN, trained): fewer BatchNorm calls.
+    calls = {k: {o["op"]: o["calls"] for o in data["parts"][k]["top_ops"]} for k in ("before", "after")}
+    assert calls["after"].get("aten::native_batch_norm", 0) < calls["before"]["aten::native_batch_norm"]
+
+
 def test_bench_changes_compares_identical_outputs(tmp_path, keep_threads):
     out = tmp_path / "changes.json"
     args = ["--sizes", "16", "24", "--batch", "8", "--texture", "32", "8", "--out", str(out), "--wait-idle", "0"]

@@ -212,3 +212,27 @@ def test_random_efficientnet_is_labelled_random():
     assert "random init" in bb.weights_source
     with pytest.raises(TrustMAEError, match=r"\(B, 3, H, W\)"):
         bb(torch.zeros(1, 1, 32, 32))
+
+
+def test_folding_batchnorm_keeps_the_features_and_their_input_gradient_and_removes_every_batchnorm(effnet):
+    folded = load_efficientnet_lite0(pretrained=True).fold_batchnorm()
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in effnet.modules())
+    assert n_bn > 40  # the stem's, the blocks' and the head's
+    # Only the head (never run by extract) keeps its BatchNorm; the stem and every block lost theirs.
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for b in folded.net._blocks for m in b.modules())
+    assert isinstance(folded.net._bn0, torch.nn.Identity)
+    assert folded.folded and not effnet.folded and not any(p.requires_grad for p in folded.parameters())
+    assert folded.fold_batchnorm() is folded  # a second fold is a no-op
+    torch.manual_seed(0)
+    x = (torch.rand(2, 3, 64, 64) * 2 - 1).requires_grad_(True)
+    y = x.detach().clone().requires_grad_(True)
+    fa, fb = effnet(x), folded(y)
+    for a, b in zip(fa, fb, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.detach().abs().max()))
+    sum((f**2).mean() for f in fa).backward()
+    sum((f**2).mean() for f in fb).backward()
+    torch.testing.assert_close(y.grad, x.grad, rtol=1e-3, atol=1e-3 * float(x.grad.abs().max()))
+    # A broken fold (e.g. the BatchNorm's shift dropped) moves the features by far more than rounding.
+    bad = load_efficientnet_lite0(pretrained=True)
+    bad.net._bn0.bias.data.zero_()
+    assert max(float((a - b).abs().max()) for a, b in zip(bad(x.detach()), fa, strict=True)) > 1e-2

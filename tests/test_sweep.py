@@ -213,3 +213,15 @@ def test_a_channels_last_sweep_keys_only_trained_cells_and_keeps_its_results_apa
     path.write_text(path.read_text().replace("channels_last: true", "channels_last: yes please"))
     with pytest.raises(TrustMAEError, match="'channels_last' must be true or false"):
         sweep.load_sweep(path)
+
+
+def test_a_fast_sweep_keys_only_trained_cells_and_keeps_its_results_apart(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("profile: smoke\ndatasets: {synthetic: [widget]}\nmethods: [trustmae, patchcore]\n"
+                    "noise_ratios: [0.0]\nseeds: [0]\nfast: true\n")  # fmt: skip
+    config = sweep.load_sweep(path)
+    assert {(s.method, s.fast) for s in config.grid()} == {("trustmae", True), ("patchcore", False)}
+    assert config.results_dir.name == "smoke-fast" and config.runs_dir.name == "smoke-fast"
+    path.write_text(path.read_text().replace("fast: true", "fast: 1"))
+    with pytest.raises(TrustMAEError, match="'fast' must be true or false"):
+        sweep.load_sweep(path)

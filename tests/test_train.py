@@ -323,6 +323,26 @@ def test_channels_last_training_on_the_cpu_is_keyed_apart_and_agrees_up_to_round
         RunSpec(method="patchcore", channels_last=True)
 
 
+def test_the_fast_path_is_keyed_apart_folds_the_backbone_and_agrees_up_to_rounding(tmp_path):
+    from trustmae_lib.engine.evaluate import _backbone_for, score
+
+    base = RunSpec(method="trustmae", category="widget", steps=1)
+    fast = RunSpec(method="trustmae", category="widget", steps=1, fast=True)
+    assert fast.config_hash() != base.config_hash() and run_dir_for(fast).name.split("-")[-2] == "fast"
+    a, b = fit(base, tmp_path / "base", progress=False), fit(fast, tmp_path / "fast", progress=False)
+    assert load_checkpoint(b.run_dir / CHECKPOINT)["channels_last"]  # fast implies the channels-last layout
+    la, lb = next(iter_log(a.run_dir)), next(iter_log(b.run_dir))
+    for term in ("rec", "sm", "vgg", "gan", "feat", "trust", "total"):
+        assert lb[term] == pytest.approx(la[term], rel=1e-4, abs=5e-6), term
+    ta, tb = load_trained(a.run_dir), load_trained(b.run_dir)
+    x = torch.rand(2, 3, ta.score_size, ta.score_size) * 2 - 1
+    sa, sb = score(ta, x), score(tb, x)
+    assert _backbone_for(tb).folded and not _backbone_for(ta).folded  # scoring uses the run's own backbone
+    assert torch.isfinite(sb.anomaly_maps).all() and sb.anomaly_maps.shape == sa.anomaly_maps.shape
+    with pytest.raises(TrustMAEError, match="trains nothing"):
+        RunSpec(method="patchcore", fast=True)
+
+
 def test_a_run_trains_and_scores_with_its_own_thread_count_whatever_the_process_uses(tmp_path):
     from trustmae_lib.engine.evaluate import evaluate
     from trustmae_lib.io import read_json

@@ -290,6 +290,12 @@ class RunSpec:
     # About 1.15x faster at the cpu profile (bench_train's step, sweep_time's cells); the weights differ from the
     # default NCHW run by float rounding, so such a run is keyed apart (own hash, run name suffix "-cl").
     channels_last: bool = False
+    # Engineering, not method: the speed path of chapter 14 -- the channels-last layout (as above) and the frozen
+    # perceptual backbone's BatchNorm folded into its convolutions, in training and in scoring. The same function up
+    # to float rounding; about 1.4-1.5x faster per TrustMAE step at the cpu profile (results/bench/speedup.json).
+    # Keyed apart like channels_last (own hash, run name suffix "-fast") until a recompute of the committed results
+    # makes it the default.
+    fast: bool = False
     # CPU threads the run trains and is scored with. The thread count changes the order of floating-point sums, so
     # a result is reproducible only with its count: fixed per run (default 1, as every committed cell), recorded,
     # and keyed when it is not the default (own hash, run name suffix "-t<n>").
@@ -319,6 +325,8 @@ class RunSpec:
             raise TrustMAEError(f"unknown augment setting {self.augment!r}; choose one of {', '.join(AUGMENT)}")
         if self.channels_last and self.method in REFERENCE_METHODS:
             raise TrustMAEError(f"channels_last is a training layout; {self.method} trains nothing -- drop it")
+        if self.fast and self.method in REFERENCE_METHODS:
+            raise TrustMAEError(f"fast is a training speed path; {self.method} trains nothing -- drop it")
 
     @property
     def is_trustmae(self) -> bool:
@@ -345,9 +353,9 @@ class RunSpec:
         from trustmae_lib import __version__
 
         # The library version and the Eq. 9 weights are part of the key: a changed default invalidates old runs.
-        # The default reading, layout, thread count and augmentation are left out of the spec, so cells from before
-        # they existed keep their hash.
-        defaults = {"reading": "", "channels_last": False, "threads": 1, "augment": "auto"}
+        # The default reading, layout, speed path, thread count and augmentation are left out of the spec, so cells
+        # from before they existed keep their hash.
+        defaults = {"reading": "", "channels_last": False, "fast": False, "threads": 1, "augment": "auto"}
         spec = {k: v for k, v in self.to_dict().items() if k not in defaults or v != defaults[k]}
         if self.reading:
             spec["reading_overrides"] = READINGS[self.reading]
@@ -369,6 +377,7 @@ class RunSpec:
         name = f"{self.dataset}-{self.category}-{noise}-{self.protocol}-{self.method}-{self.profile}-s{self.seed}"
         name = f"{name}-{self.reading}" if self.reading else name
         name = f"{name}-cl" if self.channels_last else name
+        name = f"{name}-fast" if self.fast else name
         name = f"{name}-aug{self.augment}" if self.augment != "auto" else name
         return f"{name}-t{self.threads}" if self.threads != 1 else name
 

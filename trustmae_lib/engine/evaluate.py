@@ -183,7 +183,7 @@ def _backbone_for(trained):
     if cached is None:
         from trustmae_lib.model.perceptual import build_backbone
 
-        cached = build_backbone(trained.profile.backbone).to(trained.device)
+        cached = build_backbone(trained.profile.backbone, fold_bn=trained.spec.fast).to(trained.device)
         trained._backbone = cached
     return cached
 

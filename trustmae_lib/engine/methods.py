@@ -205,7 +205,7 @@ class TrustMAEMethod(Method):
         from trustmae_lib.config import LossWeights
         from trustmae_lib.model.perceptual import build_backbone
 
-        self.backbone = build_backbone(self.profile.backbone).to(self.device)
+        self.backbone = build_backbone(self.profile.backbone, fold_bn=self.spec.fast).to(self.device)
         self.backbone_info = {"name": self.backbone.name, "weights_source": self.backbone.weights_source}
         self.weights = LossWeights(**self.spec.reading_overrides("loss"))
         self.optimizers = {

@@ -19,7 +19,8 @@ Engineering (not in the paper):
   recorded beside the spec, not in it: it sets the decision threshold at evaluation, never the network, so it does
   not change the config hash or the run folder.
 * **Layout**: ``channels_last`` on CUDA; on the CPU NCHW unless the spec asks for it
-  (:attr:`~trustmae_lib.config.RunSpec.channels_last`, ``trustmae train --channels-last``).
+  (:attr:`~trustmae_lib.config.RunSpec.channels_last`, ``trustmae train --channels-last``, or the speed path
+  :attr:`~trustmae_lib.config.RunSpec.fast`, ``--fast``, which also folds the perceptual backbone's BatchNorm).
 * **DDP** (:mod:`trustmae_lib.engine.distributed`): the same entry point under ``torchrun`` wraps the networks in
   ``DistributedDataParallel``; rank 0's batch-norm buffers are broadcast before each forward (DDP's default); on
   CUDA the batch norms are converted to ``SyncBatchNorm``.
@@ -255,7 +256,7 @@ def _existing_checkpoint(spec: RunSpec, profile: Profile, run_dir: Path, split, 
 def _build(spec: RunSpec, profile: Profile, run_dir: Path, index, split, device, ddp, fresh: bool) -> _Session:
     """Networks, optimisers and the in-memory training set on the run's device (same on every rank)."""
     dev = pick_device(device, local_rank=ddp.local_rank if ddp.active else None)
-    channels_last = dev.type == "cuda" or spec.channels_last
+    channels_last = dev.type == "cuda" or spec.channels_last or spec.fast
     amp_dtype = None
     if dev.type == "cuda":
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

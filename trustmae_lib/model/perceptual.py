@@ -107,6 +107,15 @@ class PerceptualBackbone(nn.Module):
         """Always stays in eval mode (frozen BatchNorm statistics, no dropout), whatever ``mode`` says."""
         return super().train(False)
 
+    #: Whether :meth:`fold_batchnorm` has folded the network's BatchNorm layers into its convolutions.
+    folded: bool = False
+
+    def fold_batchnorm(self) -> PerceptualBackbone:
+        """Fold every frozen BatchNorm into the convolution before it, in place (a speed change: fewer kernels in
+        the forward and the backward pass, the same function up to float rounding). A backbone without
+        BatchNorm (VGG-19) is returned unchanged. Returns ``self``."""
+        return self
+
     def normalize(self, x: Tensor) -> Tensor:
         """``x: (B, 3, H, W)`` in ``[-1, 1]`` -> ImageNet-normalised ``(B, 3, H, W)``."""
         x01 = (x + 1.0) / 2.0
@@ -355,6 +364,26 @@ class EfficientNetLite0Backbone(PerceptualBackbone):
         """ImageNet class logits, ``x: (B, 3, H, W)`` in ``[-1, 1]`` -> ``(B, 1000)`` (a sanity check)."""
         return self.net(self.normalize(x))
 
+    def fold_batchnorm(self) -> EfficientNetLite0Backbone:
+        """Fold the stem's and every block's BatchNorm (eval-mode statistics, frozen) into the convolution before
+        it: ``bn(conv(x)) = conv'(x)`` with ``w' = w * g / sqrt(var + eps)`` and a bias (PyTorch's
+        ``fuse_conv_bn_eval``). The features agree with the unfolded network to float rounding (tested); the head,
+        which :meth:`extract` never runs, is left as it is. Returns ``self``."""
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        if self.folded:
+            return self
+        net = self.net
+        net._conv_stem, net._bn0 = fuse_conv_bn_eval(net._conv_stem, net._bn0), nn.Identity()
+        for block in net._blocks:
+            if block._block_args.expand_ratio != 1:
+                block._expand_conv, block._bn0 = fuse_conv_bn_eval(block._expand_conv, block._bn0), nn.Identity()
+            block._depthwise_conv, block._bn1 = fuse_conv_bn_eval(block._depthwise_conv, block._bn1), nn.Identity()
+            block._project_conv, block._bn2 = fuse_conv_bn_eval(block._project_conv, block._bn2), nn.Identity()
+        self._freeze()
+        self.folded = True
+        return self
+
 
 def _stride(conv: nn.Conv2d) -> int:
     s = conv.stride
@@ -415,7 +444,9 @@ def load_efficientnet_lite0(pretrained: bool = True) -> EfficientNetLite0Backbon
 
 
 # ------------------------------------------------------------------------------------------------- factory
-def build_backbone(name: str, pretrained: bool = True, after_relu: bool = True) -> PerceptualBackbone:
+def build_backbone(
+    name: str, pretrained: bool = True, after_relu: bool = True, fold_bn: bool = False
+) -> PerceptualBackbone:
     """Build a frozen perceptual backbone by name.
 
     Args:
@@ -423,12 +454,16 @@ def build_backbone(name: str, pretrained: bool = True, after_relu: bool = True) 
             ``"efficientnet_lite0"`` (offline).
         pretrained: ImageNet weights (``True``) or random initialisation.
         after_relu: VGG-19 only -- tap post-ReLU (default) or raw conv outputs.
+        fold_bn: fold BatchNorm into the convolutions (:meth:`PerceptualBackbone.fold_batchnorm`; the fast path of
+            :attr:`trustmae_lib.config.RunSpec.fast`).
 
     Returns:
         The backbone, frozen, in eval mode, on the CPU (move it with ``.to(device)``).
     """
     if name == "vgg19":
-        return load_vgg19("IMAGENET1K_V1" if pretrained else None, after_relu=after_relu)
-    if name == "efficientnet_lite0":
-        return load_efficientnet_lite0(pretrained=pretrained)
-    raise TrustMAEError(f"unknown perceptual backbone {name!r} -- choose one of {', '.join(BACKBONES)}")
+        backbone = load_vgg19("IMAGENET1K_V1" if pretrained else None, after_relu=after_relu)
+    elif name == "efficientnet_lite0":
+        backbone = load_efficientnet_lite0(pretrained=pretrained)
+    else:
+        raise TrustMAEError(f"unknown perceptual backbone {name!r} -- choose one of {', '.join(BACKBONES)}")
+    return backbone.fold_batchnorm() if fold_bn else backbone

@@ -67,6 +67,7 @@ class SweepConfig:
     steps: int | dict = 0  # training steps: one number for every method, or {method: steps}; 0 = the profile's
     readings: tuple | dict = ("",)  # readings (config.READINGS) of TrustMAE cells, or {method: [...]}; "" = default
     channels_last: bool = False  # train every trained cell channels-last on the CPU too (RunSpec.channels_last)
+    fast: bool = False  # train and score every trained cell on the speed path (RunSpec.fast)
     results: str = ""  # folder of result files; default results/<profile>
     runs: str = ""  # folder of run folders (checkpoints); default runs/<profile>
 
@@ -84,6 +85,7 @@ class SweepConfig:
                 steps=self.steps_for(m),
                 reading=v,
                 channels_last=self.channels_last and m not in REFERENCE_METHODS,
+                fast=self.fast and m not in REFERENCE_METHODS,
             )
             for d, categories in self.datasets.items()
             for c in categories
@@ -111,8 +113,8 @@ class SweepConfig:
 
     @property
     def _folder(self) -> str:
-        """The default folder name under ``results/`` and ``runs/``; a channels-last sweep is kept apart."""
-        return f"{self.profile}-cl" if self.channels_last else self.profile
+        """The default folder name under ``results/`` and ``runs/``; a channels-last or fast sweep is kept apart."""
+        return self.profile + ("-cl" if self.channels_last else "") + ("-fast" if self.fast else "")
 
     @property
     def results_dir(self) -> Path:
@@ -175,8 +177,9 @@ def load_sweep(name_or_path: str | Path) -> SweepConfig:
         raise TrustMAEError(
             f"{path}: 'steps' must be a whole number >= 0 (0 = the profile's) or a mapping method: steps, got {steps!r}"
         )
-    if not isinstance(raw.get("channels_last", False), bool):
-        raise TrustMAEError(f"{path}: 'channels_last' must be true or false, got {raw['channels_last']!r}")
+    for key in ("channels_last", "fast"):
+        if not isinstance(raw.get(key, False), bool):
+            raise TrustMAEError(f"{path}: '{key}' must be true or false, got {raw[key]!r}")
     if raw.get("protocol", "overlap") not in PROTOCOLS:
         raise TrustMAEError(f"{path}: protocol must be one of {', '.join(PROTOCOLS)}")
     config = SweepConfig(**raw)

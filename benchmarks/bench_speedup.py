@@ -1,0 +1,164 @@
+"""The `cpu`-profile TrustMAE step before and after the speed path, measured in one run on one machine.
+
+Arms, each a full training step (:meth:`trustmae_lib.engine.methods.TrustMAEMethod.step`, discriminator and
+generator, both Adam updates) built as :mod:`bench_train` builds it:
+
+* ``before`` -- the library's default configuration (NCHW, the backbone as shipped): what every committed result
+  was trained with;
+* ``after`` -- the speed path, :attr:`trustmae_lib.config.RunSpec.fast` (channels-last, the frozen backbone's
+  BatchNorm folded into its convolutions);
+* ``after+bf16`` -- the speed path under bfloat16 autocast, only on a CPU with native bf16 (reported, not a
+  default: it changes the numbers by more than float rounding).
+
+The arms are timed **interleaved** (one step of each in turn, ``--repeats`` rounds, default 30) so that a machine
+whose speed drifts -- a shared host -- slows every arm alike; the median of each arm is reported. This is done at
+each thread count of ``--thread-counts`` (2: one run on 2 cores, as ``bench_train``; 1: one worker of a ``--jobs 2``
+sweep).
+The float32 and bf16 matmul limits are measured in the same process at each thread count. Then the PyTorch
+profiler attributes one step of ``before`` and of ``after`` to the parts of the network (:mod:`profile_step`).
+
+Writes ``results/bench/speedup.json``: ``before_ms``, ``after_ms``, ``speedup``, ``ratio_to_matmul`` (of the
+after arm, at the first thread count), every arm at every thread count, the parts, and the machine block.
+
+Usage::
+
+    python benchmarks/bench_speedup.py                       # cpu profile, 2 and 1 threads
+    python benchmarks/bench_speedup.py --profile smoke --repeats 2 --warmup 1 --thread-counts 1 --out /tmp/s.json
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+import profile_step  # noqa: E402
+from bench_train import StepBench  # noqa: E402
+
+from trustmae_lib.config import load_profile  # noqa: E402
+from trustmae_lib.utils import native_bf16  # noqa: E402
+
+ARMS = ("before", "after", "after+bf16")
+
+
+def build(arm: str, profile, device) -> StepBench:
+    """The step of one arm (same seed, same data, same initial weights for every arm)."""
+    amp = torch.bfloat16 if arm == "after+bf16" else None
+    return StepBench("trustmae", profile, device, amp=amp, category="widget", seed=0, fast=arm != "before")
+
+
+def time_arms(arms: dict[str, StepBench], warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per step of every arm, interleaved: round ``r`` runs one step of each arm in turn."""
+    for i in range(warmup):
+        for bench in arms.values():
+            bench.step(i + 1)
+    times: dict[str, list[float]] = {k: [] for k in arms}
+    for r in range(repeats):
+        for name, bench in arms.items():
+            times[name].append(bench.step(warmup + r + 1)[1])
+    return times
+
+
+def measure_threads(threads: int, names, profile, device, args) -> dict:
+    """Every arm at ``threads`` CPU threads: step times, FLOPs, the limits and the ratios."""
+    torch.set_num_threads(threads)
+    arms = {name: build(name, profile, device) for name in names}
+    flops = {name: common.count_flops(lambda b=b: b.method.step(b.data(0), 1)) for name, b in arms.items()}
+    idle = common.wait_idle(args.wait_idle)
+    lim = common.limits(device, args.matmul_size)
+    with common.CpuMeter() as meter:
+        times = time_arms(arms, args.warmup, args.repeats)
+    rows = {}
+    for name, t in times.items():
+        med = statistics.median(t)
+        limit = lim["bfloat16" if name.endswith("bf16") else "float32"]["gflops"]
+        rows[name] = {
+            "step": common.summary(t),
+            "step_ms": round(med * 1e3, 2),
+            "gflop_per_step": round(flops[name] / 1e9, 3),
+            "achieved_gflops": round(flops[name] / med / 1e9, 2),
+            "ratio_to_matmul": round(flops[name] / med / 1e9 / lim["float32"]["gflops"], 4),
+            "ratio_to_own_dtype_limit": round(flops[name] / med / 1e9 / limit, 4),
+        }
+    before = rows["before"]["step_ms"]
+    for row in rows.values():
+        row["speedup"] = round(before / row["step_ms"], 3)
+    return {"threads": threads, "limits": lim, "cpu_utilisation": meter.utilisation, **idle, "arms": rows}
+
+
+def parts(profile, device, warmup: int) -> dict:
+    """Forward and backward milliseconds per part of the network, ``before`` and ``after`` (one profiled step)."""
+    out = {}
+    for name, fast in (("before", False), ("after", True)):
+        row = profile_step.profile_one(profile, "nchw", device, max(1, warmup), fast=fast)
+        out[name] = {
+            "step_ms_profiled": row["step_ms_profiled"],
+            "parts": row["parts"],
+            "categories": row["categories"],
+            "top_ops": row["top_ops"],
+        }
+    return out
+
+
+def parse_args(argv=None):
+    p = common.base_parser(__doc__.splitlines()[0], "results/bench/speedup.json")
+    p.set_defaults(repeats=30, warmup=2)
+    p.add_argument("--profile", default="cpu", help="the profile whose step is measured (default cpu)")
+    p.add_argument("--thread-counts", type=int, nargs="+", default=[2, 1], help="CPU threads of each measurement")
+    p.add_argument("--no-parts", action="store_true", help="skip the profiled per-part step")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = common.setup_run(args)
+    if device.type != "cpu":
+        raise SystemExit("bench_speedup.py measures the CPU step; run it with --device cpu")
+    profile = load_profile(args.profile)
+    names = [a for a in ARMS if a != "after+bf16" or native_bf16()]
+    machine = common.machine_info(device)
+    machine["native_bf16"] = native_bf16()
+    common.log(f"bench_speedup: {machine['cpu']} ({machine['cpu_capability']}, native bf16 {machine['native_bf16']})")
+    rows = []
+    for threads in args.thread_counts:
+        row = measure_threads(threads, names, profile, device, args)
+        rows.append(row)
+        shown = ", ".join(f"{k} {v['step_ms']:.0f} ms (x{v['speedup']:.2f})" for k, v in row["arms"].items())
+        common.log(f"  {threads} thread(s): {shown}; float32 limit {row['limits']['float32']['gflops']:.0f} GFLOP/s")
+    torch.set_num_threads(args.thread_counts[0])
+    first = rows[0]
+    payload = {
+        "profile": profile.name,
+        "batch": profile.batch_size,
+        "image_size": profile.image_size,
+        "width": profile.width,
+        "arms": {
+            "before": "library default: NCHW, backbone as shipped (RunSpec.fast = False)",
+            "after": "speed path (RunSpec.fast = True): channels-last, backbone BatchNorm folded into its convolutions",
+            "after+bf16": "speed path under bfloat16 autocast (native-bf16 CPUs only; not a default)",
+        },
+        "threads": first["threads"],
+        "before_ms": first["arms"]["before"]["step_ms"],
+        "after_ms": first["arms"]["after"]["step_ms"],
+        "speedup": first["arms"]["after"]["speedup"],
+        "ratio_to_matmul": first["arms"]["after"]["ratio_to_matmul"],
+        "ratio_to_matmul_before": first["arms"]["before"]["ratio_to_matmul"],
+        "float32_limit_gflops": round(first["limits"]["float32"]["gflops"], 2),
+        "bfloat16_limit_gflops": round(first["limits"]["bfloat16"]["gflops"], 2),
+        "by_threads": rows,
+        "parts": None if args.no_parts else parts(profile, device, args.warmup),
+        "args": vars(args),
+    }
+    path = common.write_result(args.out, "speedup", machine, payload)
+    common.log(f"  speedup x{payload['speedup']:.2f} ({payload['before_ms']:.0f} -> {payload['after_ms']:.0f} ms), "
+               f"after at {payload['ratio_to_matmul']:.0%} of the float32 matmul limit; wrote {path}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
