@@ -55,6 +55,7 @@ from trustmae_lib import __version__
 from trustmae_lib.config import check_contamination, is_trustmae
 from trustmae_lib.data.mvtec import IMAGE_EXTENSIONS, read_image
 from trustmae_lib.data.tensors import image_tensor, load_tensors
+from trustmae_lib.engine.diagnostics import run_diagnostics
 from trustmae_lib.engine.prepare import load_train_tensors, prepare, tensor_cache_dir
 from trustmae_lib.engine.runs import load_trained
 from trustmae_lib.errors import TrustMAEError
@@ -183,7 +184,8 @@ def _backbone_for(trained):
     if cached is None:
         from trustmae_lib.model.perceptual import build_backbone
 
-        cached = build_backbone(trained.profile.backbone, fold_bn=trained.spec.fast).to(trained.device)
+        fast = bool(getattr(getattr(trained, "spec", None), "fast", False))  # RunSpec.fast: the folded backbone
+        cached = build_backbone(trained.profile.backbone, fold_bn=fast).to(trained.device)
         trained._backbone = cached
     return cached
 
@@ -472,8 +474,13 @@ def result_record(spec, profile, split, metrics: dict, labels, *, backbone: tupl
 
 
 def _train_images(trained, size: int) -> Tensor:
-
+    """The run's training images as trained on (injected defects included), at ``size``."""
     return load_train_tensors(trained.spec, trained.profile, trained.index, trained.split, size)
+
+
+def _train_set(trained, size: int) -> tuple[Tensor, Tensor]:
+    """The run's training images and their defect masks (zero for normal images), at ``size``."""
+    return load_train_tensors(trained.spec, trained.profile, trained.index, trained.split, size, with_masks=True)
 
 
 def _test_tensors(trained, size: int) -> tuple[Tensor, Tensor]:
@@ -508,10 +515,10 @@ def _score_run(trained, variants, batch_size: int, t0: float,
     test = list(trained.split.test)
     images, masks = _test_tensors(trained, size)
     labels = np.array([s.label for s in test], dtype=int)
-    train_images = _train_images(trained, size)
+    train_images, train_masks = _train_set(trained, size)
     has_masks = bool(trained.index.has_masks)
 
-    metrics, per_image = {}, {}
+    metrics, per_image, recons = {}, {}, None
     for variant in variants:
         test_scores = score(trained, images, variant, batch_size)
         train_scores = score(trained, train_images, variant, batch_size).pred_scores
@@ -519,6 +526,10 @@ def _score_run(trained, variants, batch_size: int, t0: float,
         metrics[variant] = variant_metrics(labels, test_scores.pred_scores, train_scores, assumed,
                                            masks if maps is not None else None, maps)  # fmt: skip
         per_image[variant] = test_scores.pred_scores.numpy()
+        recons = test_scores.recons if recons is None else recons  # the same networks for every variant
+    good = torch.from_numpy(labels == 0)
+    diagnostics = run_diagnostics(trained.models["model"], trained.meta.get("memory_init"), train_images,
+                                  train_masks, images[good], recons[good])  # fmt: skip
 
     meta = trained.meta
     backbone = meta.get("backbone") or {}
@@ -531,6 +542,7 @@ def _score_run(trained, variants, batch_size: int, t0: float,
         eval_wall_s=time.perf_counter() - t0, config_hash=meta.get("config_hash"),
         threshold=threshold_block(assumed, source),
     )  # fmt: skip
+    result["diagnostics"] = diagnostics  # beside the metrics: what the parts did (engine/diagnostics.py)
     return result, per_image
 
 
@@ -563,8 +575,9 @@ def evaluate(
             ``batch_size``), or any problem :func:`~trustmae_lib.engine.runs.load_trained` names.
 
     Returns:
-        The result dict (also written atomically to ``<run_dir>/result.json``): ``metrics`` per variant plus the
-        provenance keys :data:`PROVENANCE_KEYS`.
+        The result dict (also written atomically to ``<run_dir>/result.json``): ``metrics`` per variant, the
+        provenance keys :data:`PROVENANCE_KEYS` and the run's mechanism ``diagnostics``
+        (:mod:`trustmae_lib.engine.diagnostics`).
     """
     t0 = time.perf_counter()
     if contamination is not None:

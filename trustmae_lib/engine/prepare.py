@@ -94,8 +94,9 @@ def train_size(method: str, profile: Profile, texture: bool) -> tuple[int, int |
     return base.input_size(profile), None
 
 
-def load_train_tensors(spec: RunSpec, profile: Profile, index, split, size: int) -> Tensor:
-    """The noisy training set as ``(N, 3, size, size)`` in [-1, 1], re-drawn items already transformed."""
+def load_train_tensors(spec: RunSpec, profile: Profile, index, split, size: int, with_masks: bool = False):
+    """The noisy training set as ``(N, 3, size, size)`` in [-1, 1], re-drawn items already transformed (and, with
+    ``with_masks``, their defect masks ``(N, 1, size, size)``, transformed alike, as a second value)."""
     from trustmae_lib.data.augment import redraw_augment
     from trustmae_lib.data.tensors import load_tensors
 
@@ -105,7 +106,7 @@ def load_train_tensors(spec: RunSpec, profile: Profile, index, split, size: int)
     for i, item in enumerate(split.train):
         if item.redraw:
             images[i], masks[i] = redraw_augment(images[i], masks[i], item.redraw, fixed)
-    return images
+    return (images, masks) if with_masks else images
 
 
 def batch_indices(step: int, n: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1) -> Tensor:

@@ -212,6 +212,7 @@ class _Session:
     crop: int | None
     ddp: DistContext
     contamination: float | None = None  # assumed defective share given for this run; None -> the noise ratio
+    memory_init: Tensor | None = None  # (M, C) slots at step 0, kept in the checkpoint (memory.slot_movement)
     t_start: float = field(default_factory=time.perf_counter)
     step: int = 0
     log: list[dict] = field(default_factory=list)
@@ -284,8 +285,10 @@ def _build(spec: RunSpec, profile: Profile, run_dir: Path, index, split, device,
     method = method_cls(spec, profile, models, wrapped, dev, amp_dtype, ddp)
     masks = images.new_zeros(images.shape[0], 1, *images.shape[-2:])
     augmented, reason = augmentation(spec, index)
+    memory = getattr(models["model"], "memory", None)  # TrustMAE's and MemAE's MemoryModule (None: no memory)
+    memory_init = memory.memory.detach().float().cpu().clone() if fresh and memory is not None else None
     return _Session(spec, profile, run_dir, split, not augmented, reason, dev, channels_last, models, method,
-                    images, masks, crop, ddp)  # fmt: skip
+                    images, masks, crop, ddp, memory_init=memory_init)  # fmt: skip
 
 
 def _restore(session: _Session, checkpoint: dict) -> None:
@@ -300,6 +303,7 @@ def _restore(session: _Session, checkpoint: dict) -> None:
     session.log = list(checkpoint.get("log", []))
     session.wall_before = float(checkpoint.get("train_wall_s", 0.0))
     session.data_wait = float(checkpoint.get("data_wait_s", 0.0))
+    session.memory_init = checkpoint.get("memory_init")  # None for checkpoints written before it was kept
     if session.contamination is None and checkpoint.get("contamination_source") == "given":
         session.contamination = float(checkpoint["assumed_contamination"])  # resumed without --contamination
 
@@ -349,6 +353,7 @@ def _save(session: _Session, finished: bool) -> Path | None:
         "scaler": s.method.scaler.state_dict() if s.method.scaler is not None else None,
         "rng": rng_state(),
         "log": s.log,
+        "memory_init": s.memory_init,
     }
     save_checkpoint(s.checkpoint_path, state)
     write_log(s.run_dir / LOG, s.log)
