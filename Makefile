@@ -12,7 +12,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 EXECUTED := $(patsubst notebooks/%,book/%,$(NOTEBOOKS))
 export PYTHONHASHSEED := 0
 
-.PHONY: all install book data notebooks html test lint format dist reproduce reproduce-textures readings sweep bench clean
+.PHONY: all install book data notebooks html test lint format dist reproduce reproduce-textures readings mechanism sweep bench clean
 
 all: book
 
@@ -81,6 +81,10 @@ reproduce-textures: $(STAMP)
 readings: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu_readings --fresh --jobs 2
 
+# What the memory does in real training runs (chapter 4): the mechanism diagnostics of 12 noise-study cells.
+mechanism: $(STAMP)
+	$(PY) -m trustmae_lib sweep sweep_cpu_mechanism --fresh --jobs 2
+
 sweep: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_calibration --jobs 2
@@ -88,6 +92,7 @@ sweep: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu_textures --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_bar --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_readings --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_mechanism --jobs 2
 
 # Performance benchmarks (benchmarks/README.md) -> results/bench/*.json, read by the performance chapter.
 bench: $(STAMP)

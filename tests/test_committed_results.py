@@ -27,6 +27,7 @@ COMMITTED = (
     "sweep_cpu_textures",
     "sweep_cpu_bar",
     "sweep_cpu_readings",
+    "sweep_cpu_mechanism",
 )
 #: The cell recomputed from scratch: TrustMAE with the trust region at 10 % noise (re-drawn defects included).
 CELL = RunSpec(dataset="synthetic", category="widget", noise_ratio=0.1, method="trustmae", profile="cpu", seed=0,

@@ -112,6 +112,7 @@ def test_shipped_sweep_files_load():
         "sweep_cpu_disjoint",
         "sweep_cpu_bar",
         "sweep_cpu_readings",
+        "sweep_cpu_mechanism",
         "sweep_cpu_full",
     ):
         assert sweep.load_sweep(name).grid()
