@@ -61,6 +61,9 @@ def test_reconstruction_diversity_is_zero_for_a_collapsed_model_and_one_for_the_
     assert same["l1_good"] == 0.0 and same["diversity"] == pytest.approx(1.0)
     collapsed = dg.reconstruction_stats(x, x.mean(0, keepdim=True).expand_as(x))
     assert collapsed["diversity"] == pytest.approx(0.0, abs=1e-6) and collapsed["l1_good"] > 0.1
+    # A test folder with no good image (or one) has no spread to measure: None, not NaN (result files are JSON).
+    assert dg.reconstruction_stats(x[:0], x[:0]) == {"l1_good": None, "diversity": None, "n_images": 0}
+    assert dg.reconstruction_stats(x[:1], x[:1])["diversity"] is None
 
 
 @pytest.mark.parametrize("method", ["trustmae", "memae", "ae_l2"])

@@ -106,13 +106,14 @@ def untrusted_scores(trusted: Tensor, defective: Tensor) -> dict:
 
 
 def reconstruction_stats(images: Tensor, recons: Tensor) -> dict:
-    """``l1_good`` and ``diversity`` (see the module) of ``(N, 3, S, S)`` images and their reconstructions."""
+    """``l1_good`` and ``diversity`` (see the module) of ``(N, 3, S, S)`` images and their reconstructions (``None``
+    where there are too few images: a test folder without good images, or one good image for a spread)."""
     images, recons = images.float(), recons.float()
-    spread_in = images.std(dim=0).mean()
+    n = int(images.shape[0])
     return {
-        "l1_good": float((images - recons).abs().mean()),
-        "diversity": float(recons.std(dim=0).mean() / spread_in.clamp_min(1e-12)),
-        "n_images": int(images.shape[0]),
+        "l1_good": float((images - recons).abs().mean()) if n else None,
+        "diversity": float(recons.std(dim=0).mean() / images.std(dim=0).mean().clamp_min(1e-12)) if n > 1 else None,
+        "n_images": n,
     }
 
 
