@@ -127,8 +127,9 @@ def test_memae_loss_hand_case():
     assert logs["loss"] == pytest.approx(float(total))
     total10, _ = memae_loss(x, BaselineOutput(recon, weights), entropy_weight=10.0)
     assert float(total10) == pytest.approx(0.25 + 10 * entropy, rel=1e-6)
-    with pytest.raises(TrustMAEError):
-        memae_loss(x, BaselineOutput(recon, None))
+    # the memory-less twin has no weights: its loss is the MSE alone
+    twin, twin_logs = memae_loss(x, BaselineOutput(recon, None))
+    assert float(twin) == pytest.approx(0.25) and twin_logs["entropy"] == 0.0
 
 
 # ------------------------------------------------------------------------------------------------ Bergmann AE

@@ -197,3 +197,49 @@ def test_readings_table_pairs_each_reading_with_its_own_or_the_default_no_tr():
     assert sorted(ax.get_lines()[2].get_ydata()) == pytest.approx([-10.0, -5.0, 0.0])  # m512's seeds (3rd row)
     # The Table 3 / 4 rows see only the default reading.
     assert len(report.select_rows(report.results_frame(rows), [report.TABLE3_ROWS[0]])) == 3
+
+
+def test_mean_ci_is_the_student_t_interval():
+    from scipy import stats
+
+    values = [1.0, 2.0, 4.0, 7.0]
+    mean, low, high, n = report.mean_ci(values)
+    ref = stats.t.interval(0.95, len(values) - 1, loc=3.5, scale=stats.sem(values))
+    assert (mean, n) == (3.5, 4) and low == pytest.approx(ref[0]) and high == pytest.approx(ref[1])
+    assert report.mean_ci([2.0])[0] == 2.0 and report.mean_ci([])[3] == 0
+    assert report.ci_verdict(0.1, 2.0, 3) == "holds" and report.ci_verdict(-2.0, -0.1, 5) == "fails"
+    assert report.ci_verdict(-1.0, 1.0, 5) == "inconclusive" and report.ci_verdict(1.0, 2.0, 2) == "too few seeds"
+
+
+def _diag_result(method, noise, seed, auc, protocol="overlap", category="widget", reading="ema"):
+    return {"dataset": "synthetic", "category": category, "protocol": protocol, "method": method, "reading": reading,
+            "noise_ratio": noise, "seed": seed, "image_auroc": auc,
+            "diagnostics": {"memory": {"slot_movement": 0.5, "captured_fraction": 0.01, "defect_locations": 5,
+                                       "locations": 100},
+                            "reconstruction": {"diversity": 0.2}}}  # fmt: skip
+
+
+def test_memory_study_table_pairs_by_seed_with_intervals():
+    results = []
+    for seed in range(5):
+        for protocol in ("overlap", "disjoint"):
+            gap = 0.05 if protocol == "disjoint" else 0.0  # the trust region helps only under disjoint
+            results += [
+                _diag_result("trustmae", 0.0, seed, 0.95 + 0.01 * seed, protocol),
+                _diag_result("trustmae", 0.4, seed, 0.90 + 0.01 * seed + gap, protocol),
+                _diag_result(
+                    "trustmae_no_tr", 0.4, seed, 0.90 + 0.01 * seed + (0.002 if seed % 2 else -0.002), protocol
+                ),  # fmt: skip
+            ]
+    results.append(_diag_result("trustmae", 0.0, 0, 0.5, reading=""))  # another reading: left out
+    frame = report.diagnostics_frame(results)
+    assert frame["defect_share"].iloc[0] == pytest.approx(0.05) and frame["slot_movement"].iloc[0] == 0.5
+    table = report.memory_study_table(frame, "ema").set_index(["protocol", "category"])
+    dis, over = table.loc[("disjoint", "synthetic/widget")], table.loc[("overlap", "synthetic/widget")]
+    # per seed the clean -> 40 % change is exactly -5 points (disjoint: 0), so its interval has no width
+    assert over["change"] == pytest.approx(-5.0) and over["change CI"] == "[-5.0, -5.0]"
+    assert dis["gap"] == pytest.approx(5.0, abs=0.1) and dis["claim 3"] == "holds" and dis["seeds"] == 5
+    assert over["claim 3"] == "inconclusive" and over["TrustMAE clean"] == pytest.approx(97.0)
+    assert ("overlap", "mean") in table.index
+    with pytest.raises(Exception, match="no results"):
+        report.memory_study_table(frame, "ema8")

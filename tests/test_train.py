@@ -259,20 +259,31 @@ def test_training_batch_windows_are_symmetries_of_crops_of_the_drawn_images():
 
 
 def test_a_reading_changes_the_built_network_and_the_run_key():
-    from trustmae_lib.config import READINGS
+    from trustmae_lib.config import READINGS, reading_methods
 
     profile = load_profile("smoke")
     base = RunSpec(method="trustmae", category="widget")
     default = build_models(base, profile)["model"]
     for name, reading in READINGS.items():
-        spec = RunSpec(method="trustmae", category="widget", reading=name)
-        assert spec.config_hash() != base.config_hash() and run_dir_for(spec).name.split("-")[-2] == name
+        method = reading_methods(name)[0]
+        spec = RunSpec(method=method, category="widget", reading=name)
+        assert spec.config_hash() != RunSpec(method=method, category="widget").config_hash()
+        assert run_dir_for(spec).name.split("-")[-2] == name
+        if method != "trustmae":
+            continue
         model = build_models(spec, profile)["model"]
         for key, value in reading.get("model", {}).items():
             assert model.hparams[key] == value != default.hparams[key], (name, key)
     assert build_models(RunSpec(method="trustmae", reading="nopush"), profile)["model"].trust.outer_quantile == 0.8
     assert build_models(RunSpec(method="trustmae", reading="m512"), profile)["model"].memory.memory.shape[0] == 512
     assert not build_models(RunSpec(method="trustmae", reading="attached"), profile)["model"].detach_untrusted
+    learned = build_models(RunSpec(method="trustmae", reading="ema"), profile)["model"]
+    assert learned.project is not None and learned.memory.slot_update == "ema" and learned.trust.normalised
+    assert build_models(RunSpec(method="trustmae", reading="ema8"), profile)["model"].downsample == 16
+    # MemAE's readings: the paper's threshold interval at M = 128 and the memory-less twin
+    memae = build_models(RunSpec(method="memae", reading="shrink2m"), profile)["model"]
+    assert memae.memory.shrink_threshold == pytest.approx(2 / memae.memory.num_slots)
+    assert build_models(RunSpec(method="memae", reading="nomem"), profile)["model"].memory is None
 
 
 def test_the_trust_weight_reading_scales_only_l_trust_in_the_logged_total(tmp_path):
@@ -290,6 +301,7 @@ def test_the_trust_weight_reading_scales_only_l_trust_in_the_logged_total(tmp_pa
     ("kwargs", "match"),
     [
         ({"method": "ae_l2", "reading": "inner60"}, "not ae_l2"),
+        ({"method": "trustmae", "reading": "nomem"}, "applies to memae, not trustmae"),
         ({"method": "trustmae", "reading": "inner6"}, "unknown reading"),
     ],
 )

@@ -59,6 +59,7 @@ def require_checkout(what: str, otherwise: str = "") -> Path:
 #: The profiles and sweep files: the checkout's ``configs/``, or the copy inside an installed wheel.
 CONFIG_DIR = shipped_dir("configs", "_configs")
 PROFILES = ("smoke", "cpu", "paper")
+MEMORY_INIT = ("features", "kmeans", "uniform")
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,9 @@ class Profile:
     memory_slots: int = 32  # M (reading: not given in the supplement)
     memory_topk: int = 4  # sparse addressing: slots kept per location (reading)
     memory_temperature: float = 0.1  # softmax temperature of cosine addressing (reading)
-    memory_init: str = "features"  # TrustMAE slots at step 0: "features" (random encoder features) or "uniform"
+    # TrustMAE slots at step 0: "features" (random features of the first batch), "kmeans" (k-means centroids of the
+    # whole training set's features) or "uniform" (MemAE's random init)
+    memory_init: str = "features"
     backbone: str = "efficientnet_lite0"  # perceptual backbone: "vgg19" (paper) or "efficientnet_lite0" (offline)
     # --- training ---------------------------------------------------------------------------------------------
     batch_size: int = 4
@@ -139,8 +142,10 @@ def _build(name: str, raw: dict, source: str) -> Profile:
         )
     if not 0 < profile.width <= 4:
         raise TrustMAEError(f"{source}: width {profile.width} must be in (0, 4]; 1.0 is supplement Table 1")
-    if profile.memory_init not in ("features", "uniform"):
-        raise TrustMAEError(f"{source}: memory_init must be 'features' or 'uniform', got {profile.memory_init!r}")
+    if profile.memory_init not in MEMORY_INIT:
+        raise TrustMAEError(
+            f"{source}: memory_init must be one of {', '.join(MEMORY_INIT)}, got {profile.memory_init!r}"
+        )
     if not 1 <= profile.memory_topk <= profile.memory_slots:
         raise TrustMAEError(f"{source}: memory_topk must be between 1 and memory_slots ({profile.memory_slots})")
     return profile
@@ -251,9 +256,10 @@ def category_version(dataset: str, category: str) -> int:
 PAPER_NOISE_RATIOS = (0.05, 0.10, 0.15, 0.20, 0.30, 0.40)
 
 #: Alternative *readings* of choices the supplement leaves open (trust-region radii, detached reads, k, M,
-#: lambda_trust), for the principled-variant study of chapter 12. Each names the TrustMAE constructor arguments
-#: (``model``) and Eq. 9 weights (``loss``) it changes and why it is a reasonable reading; the default reading
-#: (``""``) is the library's. Only the TrustMAE methods take one. Chosen on a validation copy, never the test set.
+#: lambda_trust), for the principled-variant study of chapter 12, and the learned memory of chapter 4. Each names the
+#: constructor arguments (``model``), Eq. 9 weights (``loss``) and slot initialisation (``init``) it changes and why
+#: it is a reasonable reading; the default reading (``""``) is the library's. A reading applies to the TrustMAE
+#: methods unless it lists its ``methods`` (MemAE's). Chosen on validation copies, never the test set.
 READINGS: dict[str, dict] = {
     "inner60": {"model": {"inner_quantile": 0.6},
                 "why": "stricter trust region: only the nearest 60 % of features pull their slot (default 80 %)"},
@@ -265,7 +271,34 @@ READINGS: dict[str, dict] = {
                 "why": "lambda_trust 0.1 instead of 1: L_trust no longer dominates the slots' gradient"},
     "m512": {"model": {"memory_slots": 512},
              "why": "M = 512 slots (profile: 128), the paper-profile count: more room to store defects too"},
+    # The learned memory of chapter 4 (issue: the slots barely move under Adam). Chosen on validation copies.
+    "ema": {"model": {"projection": True, "slot_update": "ema", "trust_normalised": True},
+            "init": {"memory_init": "kmeans"},
+            "why": "slots learn as moving averages of the trusted features (online k-means), start at k-means "
+                   "centroids of the whole training set, and are addressed in a linear projection of the features"},
+    "ema8": {"model": {"projection": True, "slot_update": "ema", "trust_normalised": True, "stages": 4},
+             "init": {"memory_init": "kmeans"},
+             "why": "the learned memory on an 8 x 8 grid at 128 px (one stride-2 stage fewer), the grid Table 1 has "
+                    "at 256 px"},
+    # MemAE (a baseline): the shrinkage threshold of the MemAE paper's recommended interval [1/M, 3/M] (our default
+    # 0.0025 is the official code's, chosen there for M = 2000; at M = 128 it is below 1/M and shrinks nothing), and
+    # the same network without its memory, the twin that says what the memory adds.
+    "shrink1m": {"methods": ("memae",), "model": {"shrink_threshold": 1 / 128},
+                 "why": "MemAE's shrinkage threshold at 1/M (the MemAE paper's interval [1/M, 3/M]; default 0.0025)"},
+    "shrink2m": {"methods": ("memae",), "model": {"shrink_threshold": 2 / 128},
+                 "why": "MemAE's shrinkage threshold at 2/M (the middle of the MemAE paper's interval)"},
+    "nomem": {"methods": ("memae",), "model": {"use_memory": False},
+              "why": "MemAE's encoder and decoder without the memory: the twin that shows what the memory adds"},
+    "ema_noproj": {"model": {"slot_update": "ema", "trust_normalised": True}, "init": {"memory_init": "kmeans"},
+                   "why": "the learned memory without the projection: addressed in the encoder's ReLU features"},
+    "ema_first": {"model": {"projection": True, "slot_update": "ema", "trust_normalised": True},
+                  "why": "the learned memory started from one batch's features (the library's init), not k-means"},
 }  # fmt: skip
+
+
+def reading_methods(reading: str) -> tuple[str, ...]:
+    """The methods a reading of :data:`READINGS` applies to (the TrustMAE methods unless it names others)."""
+    return tuple(READINGS[reading].get("methods", TRUSTMAE_METHODS))
 
 
 @dataclass(frozen=True)
@@ -316,9 +349,9 @@ class RunSpec:
             raise TrustMAEError(f"noise ratio {self.noise_ratio} is outside [0, 0.9]; pass e.g. 0.1 for 10 %")
         if self.reading and self.reading not in READINGS:
             raise TrustMAEError(f"unknown reading '{self.reading}'; choose one of {', '.join(READINGS)} (or none)")
-        if self.reading and not self.is_trustmae:
-            raise TrustMAEError(f"reading '{self.reading}' applies to trustmae and trustmae_no_tr, not "
-                                f"{self.method}; drop it")  # fmt: skip
+        if self.reading and self.method not in reading_methods(self.reading):
+            raise TrustMAEError(f"reading '{self.reading}' applies to {' and '.join(reading_methods(self.reading))}, "
+                                f"not {self.method}; drop it")  # fmt: skip
         if not isinstance(self.threads, int) or self.threads < 1:
             raise TrustMAEError(f"threads must be a whole number >= 1, got {self.threads!r}; pass e.g. threads=1")
         if self.augment not in AUGMENT:

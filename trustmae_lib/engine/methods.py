@@ -54,7 +54,7 @@ def build_models(spec: RunSpec, profile: Profile) -> dict[str, nn.Module]:
         return {"model": model, "discriminator": Discriminator(width=profile.width)}
     from trustmae_lib.model.baselines import get_baseline
 
-    return {"model": get_baseline(spec.method).build(profile)}
+    return {"model": get_baseline(spec.method).build(profile, **spec.reading_overrides("model"))}
 
 
 @torch.no_grad()
@@ -81,6 +81,38 @@ def init_memory_from_features(model: nn.Module, images: Tensor, seed: int = 0) -
     model.encoder.load_state_dict(buffers)
     model.encoder.train(was_training)
     model.memory.init_from_features(z, generator=torch.Generator().manual_seed(mix_seed(seed, 0x3E3)))
+
+
+@torch.no_grad()
+def memory_space_features(model: nn.Module, images: Tensor, batch_size: int) -> Tensor:
+    """TrustMAE's features in its memory space (encoder, then the projection if any) for every image, as rows
+    ``(N*h*w, C)``; the encoder runs in training mode (batch statistics in batches of ``batch_size``, as in training)
+    and its batch-norm buffers are restored afterwards."""
+    buffers = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    was_training = model.encoder.training
+    model.encoder.train()
+    rows = []
+    try:
+        for chunk in images.split(batch_size):
+            z = model.encoder(chunk)  # (b, C, h, w)
+            if getattr(model, "project", None) is not None:
+                z = model.project(z)
+            rows.append(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float().cpu())
+    finally:
+        model.encoder.load_state_dict(buffers)
+        model.encoder.train(was_training)
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def init_memory_kmeans(model: nn.Module, images: Tensor, batch_size: int, seed: int = 0) -> None:
+    """Set TrustMAE's slots to k-means centroids of the memory-space features of the whole training set (*reading*,
+    ``memory_init: kmeans``): every slot starts at a mode of the data, none at one batch's features. At 40 % noise
+    defective images are among them too; what keeps their slots from lasting is the slots' learning (chapter 4)."""
+    if getattr(model, "memory", None) is None:
+        return
+    rows = memory_space_features(model, images, batch_size)
+    model.memory.init_kmeans(rows, seed=mix_seed(seed, 0x3E3) % (2**31))
 
 
 @torch.no_grad()

@@ -49,6 +49,7 @@ from trustmae_lib.engine.methods import (
     TrustMAEMethod,
     build_models,
     init_memory_from_features,
+    init_memory_kmeans,
     recalibrate_batchnorm,
 )
 from trustmae_lib.engine.prepare import (
@@ -269,7 +270,10 @@ def _build(spec: RunSpec, profile: Profile, run_dir: Path, index, split, device,
             m.to(memory_format=torch.channels_last)
     size, crop = train_size(spec.method, profile, is_texture(spec.category, index.root))
     images = load_train_tensors(spec, profile, index, split, size).to(dev)
-    if fresh and spec.is_trustmae and profile.memory_init == "features":
+    init = spec.reading_overrides("init").get("memory_init", profile.memory_init) if spec.is_trustmae else None
+    if fresh and init == "kmeans":
+        init_memory_kmeans(models["model"], images, profile.batch_size, seed=spec.seed)
+    if fresh and init == "features":
         # Same slots on every rank: the first global batch, un-augmented, and a seeded draw.
         first = images[batch_indices(0, images.shape[0], profile.batch_size * ddp.world_size, spec.seed).to(dev)]
         init_memory_from_features(models["model"], first, seed=spec.seed)

@@ -99,6 +99,8 @@ class MemAE2D(nn.Module):
         shrink_threshold: hard-shrinkage ``lambda`` (official code: 0.0025).
         width: multiplier of the hidden channels 96, 128, 256 (not of ``latent_dim``).
         output_activation: ``"tanh"`` (default, *reading*) or ``"linear"`` (official code).
+        use_memory: ``False`` = the same encoder and decoder without the memory (the decoder reads the encoder's
+            output): the twin that shows what the memory adds.
 
     Example:
         >>> net = MemAE2D(memory_slots=16, latent_dim=32, width=0.25)
@@ -115,6 +117,7 @@ class MemAE2D(nn.Module):
         shrink_threshold: float = 0.0025,
         width: float = 1.0,
         output_activation: str = "tanh",
+        use_memory: bool = True,
     ):
         super().__init__()
         _check_activation(output_activation)
@@ -126,14 +129,18 @@ class MemAE2D(nn.Module):
         for cin, cout in zip(enc[:-1], enc[1:], strict=True):  # four 3x3 stride-2 convs, BN, LeakyReLU(0.2)
             layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2)]
         self.encoder = nn.Sequential(*layers)
-        self.memory = MemoryModule(
-            memory_slots,
-            latent_dim,
-            addressing="shrink",
-            similarity="dot",
-            temperature=1.0,
-            shrink_threshold=shrink_threshold,
-            eps=1e-12,
+        self.memory = (
+            MemoryModule(
+                memory_slots,
+                latent_dim,
+                addressing="shrink",
+                similarity="dot",
+                temperature=1.0,
+                shrink_threshold=shrink_threshold,
+                eps=1e-12,
+            )
+            if use_memory
+            else None
         )
         dec = [latent_dim, _ch(256, width), _ch(128, width), _ch(96, width), in_channels]
         layers = []
@@ -155,11 +162,11 @@ class MemAE2D(nn.Module):
         """
         _check_images(x, self.in_channels, 16, "MemAE2D")
         z = self.encoder(x)  # (B, latent_dim, H/16, W/16)
-        mem = self.memory(z)  # read-out = weights x slots
-        recon = self.decoder(mem.read)  # (B, C, H, W)
+        mem = self.memory(z) if self.memory is not None else None  # read-out = weights x slots
+        recon = self.decoder(z if mem is None else mem.read)  # (B, C, H, W)
         if self.output_activation == "tanh":
             recon = torch.tanh(recon)
-        return BaselineOutput(recon=recon, weights=mem.weights)
+        return BaselineOutput(recon=recon, weights=None if mem is None else mem.weights)
 
 
 def memae_loss(x: Tensor, out: BaselineOutput, entropy_weight: float = 0.0002) -> tuple[Tensor, dict[str, float]]:
@@ -171,12 +178,12 @@ def memae_loss(x: Tensor, out: BaselineOutput, entropy_weight: float = 0.0002) -
         entropy_weight: weight of the entropy term (official code: 0.0002).
 
     Returns:
-        ``(total, {"loss", "recon", "entropy"})``: a scalar tensor and its parts as floats.
+        ``(total, {"loss", "recon", "entropy"})``: a scalar tensor and its parts as floats. Without weights (the
+        memory-less twin, ``MemAE2D(use_memory=False)``) the entropy term is 0: the loss is the MSE.
     """
-    if out.weights is None:
-        raise TrustMAEError("memae_loss needs the memory weights; pass the output of a MemAE2D model")
     recon = F.mse_loss(out.recon, x)
-    entropy = entropy_loss(out.weights)  # mean over locations of -sum_i w_i log(w_i + 1e-12)
+    # mean over locations of -sum_i w_i log(w_i + 1e-12)
+    entropy = recon.new_zeros(()) if out.weights is None else entropy_loss(out.weights)
     total = recon + entropy_weight * entropy
     return total, {
         "loss": float(total.detach()),
@@ -411,7 +418,8 @@ class BaselineSpec:
 
     Attributes:
         name: method name (``"memae"``, ``"ae_l2"``, ``"ae_ssim"``).
-        build: ``profile -> nn.Module`` returning :class:`BaselineOutput`.
+        build: ``(profile, **overrides) -> nn.Module`` returning :class:`BaselineOutput` (overrides: constructor
+            arguments of a reading, e.g. MemAE's ``shrink_threshold``).
         loss: ``(x, out) -> (total scalar tensor, {name: float})``.
         residual_map: ``(x, recon) -> (B, 1, H, W)`` anomaly map (how the method scores).
         input_size: ``profile -> int``, side of the images (or crops) the model sees.
@@ -423,7 +431,7 @@ class BaselineSpec:
     """
 
     name: str
-    build: Callable[[object], nn.Module]
+    build: Callable[..., nn.Module]
     loss: Callable[[Tensor, BaselineOutput], tuple[Tensor, dict[str, float]]]
     residual_map: Callable[[Tensor, Tensor], Tensor]
     input_size: Callable[[object], int]
@@ -445,8 +453,8 @@ class BaselineSpec:
         return torch.optim.Adam(model.parameters(), lr=self.lr if lr is None else lr, betas=self.betas)
 
 
-def _memae_build(profile) -> MemAE2D:
-    return MemAE2D(memory_slots=128, latent_dim=_ch(256, profile.width), width=profile.width)
+def _memae_build(profile, **overrides) -> MemAE2D:
+    return MemAE2D(**{"memory_slots": 128, "latent_dim": _ch(256, profile.width), "width": profile.width, **overrides})
 
 
 def _memae_input(profile) -> int:
@@ -457,8 +465,8 @@ def _bergmann_input(profile) -> int:
     return min(128, profile.image_size)
 
 
-def _bergmann_build(profile) -> BergmannAE:
-    return BergmannAE(image_size=_bergmann_input(profile), latent_dim=100)
+def _bergmann_build(profile, **overrides) -> BergmannAE:
+    return BergmannAE(**{"image_size": _bergmann_input(profile), "latent_dim": 100, **overrides})
 
 
 def _ae_l2(x: Tensor, out: BaselineOutput) -> tuple[Tensor, dict[str, float]]:

@@ -15,7 +15,19 @@ the similarities become addressing weights, the weights are made **sparse**, and
 * ``entropy_loss`` -- MemAE's sparsity term, the mean over locations of ``-sum_i w_i log(w_i + eps)``.
 
 Slots are initialised like MemAE's official code, ``U(-1/sqrt(C), 1/sqrt(C))``;
-:meth:`MemoryModule.init_from_features` offers a data initialisation (slots = random encoder features).
+:meth:`MemoryModule.init_from_features` offers a data initialisation (slots = random encoder features) and
+:meth:`MemoryModule.init_kmeans` one from the whole training set (k-means centroids of its features).
+
+How the slots learn (``slot_update``):
+
+* ``"gradient"`` -- the slots are parameters and follow the optimiser (Adam) on every loss that reaches them.
+  At the book's scale this barely moves them: Adam moves a coordinate by about ``lr`` per step, the slots'
+  coordinates are of order 1, so 300 steps move them about 1 % of their size (chapter 4 measures it).
+* ``"ema"`` -- *reading*: the slots are not optimised by gradients; :meth:`MemoryModule.ema_update` moves each slot
+  to an exponential moving average of the features assigned to it (online k-means, as the codebook of VQ-VAE with
+  EMA updates, van den Oord et al. 2017), only from the features the trust region trusts, pushes slots away from
+  the features in its doubt band, and restarts slots that no feature uses any more. This is the closed-form
+  minimiser of the trust region's pull term that gradient steps approach only slowly.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ from trustmae_lib.model.trust_region import read_with_trust
 
 ADDRESSING = ("topk", "shrink", "softmax")
 SIMILARITY = ("cosine", "dot")
+SLOT_UPDATE = ("gradient", "ema")
 
 
 class MemoryReadout(NamedTuple):
@@ -130,6 +143,11 @@ class MemoryModule(nn.Module):
         shrink_threshold: ``lambda`` of MemAE hard shrinkage (their default 0.0025).
         eps: numerical floor (MemAE: 1e-12).
         similarity: ``"cosine"`` (default) or ``"dot"`` (MemAE).
+        slot_update: ``"gradient"`` (default: the slots are optimised parameters) or ``"ema"`` (moving averages of
+            the trusted features, :meth:`ema_update`; the slots then get no gradient).
+        ema_decay: decay of the ``"ema"`` update (a slot moves ``1 - ema_decay`` of the way to its features' mean).
+        dead_fraction: with ``"ema"``, a slot whose running share of assigned features falls below this fraction of
+            the mean share is restarted at a random trusted feature of the batch.
 
     Example:
         >>> mem = MemoryModule(num_slots=16, dim=8, topk=4)
@@ -148,8 +166,15 @@ class MemoryModule(nn.Module):
         shrink_threshold: float = 0.0025,
         eps: float = 1e-12,
         similarity: str = "cosine",
+        slot_update: str = "gradient",
+        ema_decay: float = 0.95,
+        dead_fraction: float = 0.03,
     ):
         super().__init__()
+        if slot_update not in SLOT_UPDATE:
+            raise TrustMAEError(f"unknown slot update '{slot_update}'; use one of {', '.join(SLOT_UPDATE)}")
+        if not 0.0 <= ema_decay < 1.0 or not 0.0 <= dead_fraction < 1.0:
+            raise TrustMAEError(f"ema_decay and dead_fraction must be in [0, 1), got {ema_decay} and {dead_fraction}")
         if addressing not in ADDRESSING:
             raise TrustMAEError(f"unknown memory addressing '{addressing}'; use one of {', '.join(ADDRESSING)}")
         if similarity not in SIMILARITY:
@@ -169,6 +194,12 @@ class MemoryModule(nn.Module):
         self.shrink_threshold, self.eps = shrink_threshold, eps
         bound = 1.0 / math.sqrt(dim)  # MemAE's reset_parameters
         self.memory = nn.Parameter(torch.empty(num_slots, dim).uniform_(-bound, bound))  # (M, C)
+        self.slot_update, self.ema_decay, self.dead_fraction = slot_update, ema_decay, dead_fraction
+        if slot_update == "ema":
+            self.memory.requires_grad_(False)  # moved by ema_update, not by the optimiser
+            # Running number of features assigned to each slot per batch; NaN until the first update.
+            self.register_buffer("usage", torch.full((num_slots,), float("nan")))
+            self.register_buffer("restarts", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
     def init_from_features(self, z: Tensor, generator: torch.Generator | None = None) -> None:
@@ -180,6 +211,85 @@ class MemoryModule(nn.Module):
         else:
             pick = torch.randint(n, (self.num_slots,), generator=generator)
         self.memory.copy_(rows[pick.to(rows.device)])
+
+    @torch.no_grad()
+    def init_kmeans(self, rows: Tensor, seed: int = 0) -> None:
+        """Set the slots to the k-means centroids of feature rows ``(N, C)`` (scikit-learn, one seeded k-means++
+        start); with fewer rows than slots, to random rows (:meth:`init_from_features`)."""
+        if rows.shape[0] <= self.num_slots:
+            self.init_from_features(rows.reshape(rows.shape[0], self.dim, 1, 1),
+                                    generator=torch.Generator().manual_seed(seed))  # fmt: skip
+            return
+        from sklearn.cluster import KMeans
+
+        data = rows.detach().double().cpu().numpy()
+        km = KMeans(n_clusters=self.num_slots, n_init=1, max_iter=100, random_state=seed).fit(data)
+        self.memory.copy_(torch.from_numpy(km.cluster_centers_).to(self.memory))
+
+    @torch.no_grad()
+    def ema_update(self, rows: Tensor, nearest: Tensor, pull: Tensor, push: Tensor | None = None,
+                   push_scale: Tensor | None = None) -> dict[str, float]:  # fmt: skip
+        """One ``"ema"`` step of the slots (*reading*, see the module): online k-means over the trusted features.
+
+        Every slot with pulled features this batch moves ``1 - ema_decay`` of the way to their mean; every slot
+        with features in the doubt band moves away from them by ``1 - ema_decay`` times ``push_scale`` times the
+        mean of ``(m - z)`` (the push of the trust region's hinge, see
+        :class:`~trustmae_lib.model.trust_region.TrustRegion`); slots whose running use falls below
+        ``dead_fraction`` of the average are restarted at random pulled features. Under ``torch.distributed`` the
+        sums are pooled over ranks, so every rank keeps the same slots (and no slot is restarted).
+
+        Args:
+            rows: ``(N, C)`` features (detached).
+            nearest: ``(N,)`` index of each row's nearest slot.
+            pull: ``(N,)`` bool, rows inside the trust region.
+            push: optional ``(N,)`` bool, rows in the doubt band.
+            push_scale: ``(N,)`` push strength per row (``(delta2 - d) / d`` for the hinge), with ``push``.
+
+        Returns:
+            ``{"slots_pulled", "slots_pushed", "slots_restarted"}`` of this step.
+        """
+        if self.slot_update != "ema":
+            raise TrustMAEError("ema_update needs a memory built with slot_update='ema'")
+        import torch.distributed as dist
+
+        rows = rows.detach().to(self.memory.dtype)
+        m, rate = self.num_slots, 1.0 - self.ema_decay
+        weight = pull.to(rows.dtype)  # (N,)
+        counts = torch.zeros(m, dtype=rows.dtype, device=rows.device).index_add_(0, nearest, weight)  # (M,)
+        sums = torch.zeros_like(self.memory).index_add_(0, nearest, rows * weight[:, None])  # (M, C)
+        push_counts = torch.zeros_like(counts)
+        push_sums = torch.zeros_like(sums)
+        if push is not None:
+            pw = push.to(rows.dtype) * (push_scale if push_scale is not None else 1.0)  # (N,)
+            push_counts.index_add_(0, nearest, push.to(rows.dtype))
+            # sum over pushed rows of scale * (m - z) = scale * m - scale * z, accumulated per slot
+            push_sums.index_add_(0, nearest, pw[:, None] * (self.memory[nearest] - rows))
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for t in (counts, sums, push_counts, push_sums):
+                dist.all_reduce(t)
+        pulled = counts > 0
+        target = sums / counts.clamp_min(1.0)[:, None]  # (M, C) mean pulled feature per slot
+        self.memory[pulled] += rate * (target[pulled] - self.memory[pulled])
+        pushed = push_counts > 0
+        self.memory[pushed] += rate * push_sums[pushed] / push_counts[pushed][:, None]
+        # Running use per slot; dead slots restart at random pulled features (seeded by the global RNG).
+        if torch.isnan(self.usage).any():
+            self.usage.fill_(float(counts.sum()) / m)
+        else:
+            self.usage.mul_(self.ema_decay).add_(counts, alpha=rate)
+        dead = self.usage < self.dead_fraction * self.usage.mean()
+        candidates = pull.nonzero().squeeze(1)
+        n_restart = min(int(dead.sum()), int(candidates.numel()))
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            n_restart = 0  # ranks hold different features: no restarts, so that their slots stay the same
+        if n_restart:
+            slots = dead.nonzero().squeeze(1)[:n_restart]
+            pick = candidates[torch.randperm(candidates.numel(), device=candidates.device)[:n_restart]]
+            self.memory[slots] = rows[pick]
+            self.usage[slots] = self.usage.mean()
+            self.restarts.add_(n_restart)
+        return {"slots_pulled": float(pulled.sum()), "slots_pushed": float(pushed.sum()),
+                "slots_restarted": float(n_restart)}  # fmt: skip
 
     def forward(self, z: Tensor, trusted: Tensor | None = None) -> MemoryReadout:
         """Address the memory at every location of ``z`` and read it out.
@@ -232,7 +342,8 @@ class MemoryModule(nn.Module):
 
     def extra_repr(self) -> str:
         extra = f"topk={self.topk}" if self.addressing == "topk" else f"threshold={self.shrink_threshold}"
+        update = f", slot_update=ema, ema_decay={self.ema_decay}" if self.slot_update == "ema" else ""
         return (
             f"num_slots={self.num_slots}, dim={self.dim}, similarity={self.similarity}, "
-            f"addressing={self.addressing}, {extra}, temperature={self.temperature}"
+            f"addressing={self.addressing}, {extra}, temperature={self.temperature}{update}"
         )

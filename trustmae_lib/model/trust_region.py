@@ -11,7 +11,11 @@
 * ``d > delta2``: the feature is ignored (too far to say anything about the slot).
 
 Features are detached: ``L_trust`` moves only the slots. ``L_trust`` is the sum of the pull and push terms
-over locations divided by the number of locations ``B*h*w``.
+over locations divided by the number of locations ``B*h*w``. With ``normalised=True`` (*reading*) distances are
+measured relative to the batch's root-mean-square feature norm, so the pull is a relative squared distance and
+``lambda_trust`` means the same at every width. With a memory whose slots learn by moving averages
+(``slot_update="ema"``, :meth:`~trustmae_lib.model.memory.MemoryModule.ema_update`) the same regions drive the
+update instead of a gradient: :meth:`TrustRegion.assign` returns them.
 
 Radii ``delta1 = trust_radius`` and ``delta2 = outer_radius`` are running quantiles (default 80th and 98th
 percentile) of recent nearest-slot distances. Each training batch's distance distribution is summarised by
@@ -33,6 +37,8 @@ slot as negative, on L2-normalised vectors by default (the geometry of cosine ad
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -50,6 +56,18 @@ STAT_KEYS = (
     "mean_distance",
     "history_batches",
 )
+
+
+class Assignment(NamedTuple):
+    """Each feature's nearest slot and trust-region band (:meth:`TrustRegion.assign`)."""
+
+    rows: Tensor  # (N, C) detached features
+    nearest: Tensor  # (N,) index of the Euclidean-nearest slot
+    distance: Tensor  # (N,) distance to it (no gradient)
+    inside: Tensor  # (N,) bool, d <= delta1: trusted, pulls its slot
+    between: Tensor  # (N,) bool, delta1 < d <= delta2: pushes its slot away
+    inner: Tensor  # () delta1
+    outer: Tensor  # () delta2
 
 
 def _rows(z: Tensor, memory: Tensor, what: str) -> Tensor:
@@ -152,6 +170,7 @@ class TrustRegion(nn.Module):
         min_history: batches needed before the pooled history replaces the current batch's quantiles.
         sketch_size: quantiles stored per batch.
         sync_distributed: pool the sketches over ranks when ``torch.distributed`` is initialised.
+        normalised: divide distances by the batch's root-mean-square feature norm in the loss (*reading*).
 
     Example:
         >>> tr = TrustRegion()
@@ -170,6 +189,7 @@ class TrustRegion(nn.Module):
         min_history: int = 4,
         sketch_size: int = 256,
         sync_distributed: bool = True,
+        normalised: bool = False,
     ):
         super().__init__()
         if not 0.0 < inner_quantile <= outer_quantile <= 1.0:
@@ -189,6 +209,7 @@ class TrustRegion(nn.Module):
         self.inner_quantile, self.outer_quantile = inner_quantile, outer_quantile
         self.fixed_radii = None if fixed_radii is None else (float(fixed_radii[0]), float(fixed_radii[1]))
         self.pull, self.min_history, self.sync_distributed = pull, min_history, sync_distributed
+        self.normalised = normalised
         # Ring buffer of per-batch distance sketches; NaN rows are unused.
         self.register_buffer("distance_history", torch.full((history, sketch_size), float("nan")))
         self.register_buffer("history_cursor", torch.zeros((), dtype=torch.long))
@@ -222,32 +243,50 @@ class TrustRegion(nn.Module):
         enough = self.history_count >= self.min_history
         return torch.where(enough, pooled, current).to(distances.dtype)
 
-    def forward(self, z: Tensor, memory: Tensor, return_trusted: bool = False):
+    def assign(self, z: Tensor, memory: Tensor) -> Assignment:
+        """Nearest slot, distance and band of every location of ``z: (B, C, h, w)`` against ``memory: (M, C)``.
+
+        In training mode this records the batch's distances in the history (once per call), so call it once per
+        step: :meth:`forward` calls it.
+        """
+        rows = _rows(z, memory, "TrustRegion").detach()  # (N, C), no gradient to the encoder
+        idx = nearest_slot(rows, memory)  # (N,)
+        with torch.no_grad():
+            d = (rows - memory[idx].detach()).pow(2).sum(dim=1).clamp_min(1e-12).sqrt()  # (N,)
+        if self.training and self.fixed_radii is None:
+            self.update_history(d)
+        radii = self.radii(d)
+        inner, outer = radii[0], radii[1]
+        inside = d <= inner  # pulled
+        between = (d > inner) & (d <= outer)  # pushed
+        return Assignment(rows, idx, d, inside, between, inner, outer)
+
+    def forward(self, z: Tensor, memory: Tensor, return_trusted: bool = False, return_assignment: bool = False):
         """Trust-region loss of features ``z`` against ``memory``.
 
         Args:
             z: ``(B, C, h, w)`` features (detached here; they get no gradient).
             memory: ``(M, C)`` slots (they get the gradient).
             return_trusted: also return the ``(B, h, w)`` bool mask ``d <= delta1``.
+            return_assignment: also return the :class:`Assignment` (after the mask).
 
         Returns:
-            ``(loss, stats)`` or ``(loss, stats, trusted)``: scalar loss, a dict of floats (:data:`STAT_KEYS`:
-            radii, fractions pulled/pushed/ignored, mean nearest-slot distance, recorded batches).
+            ``(loss, stats)``, ``(loss, stats, trusted)`` or with the assignment last: scalar loss, a dict of floats
+            (:data:`STAT_KEYS`: radii, fractions pulled/pushed/ignored, mean nearest-slot distance, recorded
+            batches).
         """
-        queries = _rows(z, memory, "TrustRegion").detach()  # (N, C), no gradient to the encoder
-        idx = nearest_slot(queries, memory)  # (N,)
-        squared = (queries - memory[idx]).pow(2).sum(dim=1)  # (N,) d^2, gradient to the chosen slots only
+        a = self.assign(z, memory)
+        inside, between, inner, outer, d_value = a.inside, a.between, a.inner, a.outer, a.distance
+        squared = (a.rows - memory[a.nearest]).pow(2).sum(dim=1)  # (N,) d^2, gradient to the chosen slots only
         d = squared.clamp_min(1e-12).sqrt()
-        d_value = d.detach()
-        if self.training and self.fixed_radii is None:
-            self.update_history(d_value)
-        radii = self.radii(d_value)
-        inner, outer = radii[0], radii[1]
-        inside = d_value <= inner  # pulled
-        between = (d_value > inner) & (d_value <= outer)  # pushed
+        if self.normalised:  # distances relative to the batch's RMS feature norm (no gradient through it)
+            scale = a.rows.pow(2).sum(dim=1).mean().clamp_min(1e-12).sqrt()
+            squared, d, outer_l = squared / scale**2, d / scale, outer / scale
+        else:
+            outer_l = outer
         pull = squared if self.pull == "squared" else d
         # L_trust: pull inside delta1, hinge push up to delta2, nothing beyond; mean over all locations.
-        loss = (torch.where(inside, pull, 0.0) + torch.where(between, F.relu(outer - d), 0.0)).mean()
+        loss = (torch.where(inside, pull, 0.0) + torch.where(between, F.relu(outer_l - d), 0.0)).mean()
         n = float(d_value.numel())
         numbers = torch.stack(
             [
@@ -261,15 +300,19 @@ class TrustRegion(nn.Module):
             ]
         ).tolist()  # one device synchronisation for all stats
         stats = dict(zip(STAT_KEYS, numbers, strict=True))
+        extra = []
         if return_trusted:
             b, _, h, w = z.shape
-            return loss, stats, inside.reshape(b, h, w)
-        return loss, stats
+            extra.append(inside.reshape(b, h, w))
+        if return_assignment:
+            extra.append(a)
+        return (loss, stats, *extra)
 
     def extra_repr(self) -> str:
         if self.fixed_radii is not None:
             return f"fixed_radii={self.fixed_radii}, pull={self.pull}"
+        norm = ", normalised=True" if self.normalised else ""
         return (
             f"inner_quantile={self.inner_quantile}, outer_quantile={self.outer_quantile}, "
-            f"history={self.distance_history.shape[0]}, min_history={self.min_history}, pull={self.pull}"
+            f"history={self.distance_history.shape[0]}, min_history={self.min_history}, pull={self.pull}{norm}"
         )

@@ -119,11 +119,15 @@ class ResidualBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Table 1 encoder: ``(B, 3, H, W) -> (B, C, H/32, W/32)`` with ``C = scale_channels(512, width)``."""
+    """Table 1 encoder: ``(B, 3, H, W) -> (B, C, H/32, W/32)`` with ``C = scale_channels(512, width)``.
 
-    def __init__(self, width: float = 1.0, num_classes: int = 1):
+    ``stages=4`` (*reading* for small images, the ``cpu`` profile's learned memory) leaves out the last stride-2
+    conv (512 -> 512), so a 128-px image gives the 8 x 8 memory grid a 256-px image has in Table 1.
+    """
+
+    def __init__(self, width: float = 1.0, num_classes: int = 1, stages: int = 5):
         super().__init__()
-        ch = [scale_channels(c, width) for c in ENCODER_CHANNELS]
+        ch = [scale_channels(c, width) for c in ENCODER_CHANNELS[: stages + 1]]
         layers = {"conv_in": ConvNormAct(3, ch[0], 7, 1, 3, num_classes=num_classes)}
         for i in range(1, len(ch)):
             layers[f"down{i}"] = ConvNormAct(ch[i - 1], ch[i], 3, 2, 1, num_classes=num_classes)
@@ -139,17 +143,21 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Table 1 decoder: ``(B, C, H/32, W/32) -> (B, 3, H, W)`` in ``[-1, 1]``."""
+    """Table 1 decoder: ``(B, C, H/32, W/32) -> (B, 3, H, W)`` in ``[-1, 1]``; ``stages=4`` leaves out the first
+    transposed conv (to 512), the mirror of :class:`Encoder`'s."""
 
-    def __init__(self, width: float = 1.0, num_classes: int = 1):
+    def __init__(self, width: float = 1.0, num_classes: int = 1, stages: int = 5):
         super().__init__()
-        c_in = scale_channels(ENCODER_CHANNELS[-1], width)
+        c_in = scale_channels(ENCODER_CHANNELS[stages], width)
         ch = [scale_channels(c, width) for c in DECODER_CHANNELS]
         layers: dict[str, nn.Module] = {
             f"res{i}": ResidualBlock(c_in, num_classes) for i in range(1, RESIDUAL_BLOCKS + 1)
         }
         prev = c_in
+        skip = len(DECODER_CHANNELS) - stages
         for i, c in enumerate(ch, start=1):
+            if i <= skip:
+                continue
             last = i == len(ch)
             layers[f"up{i}"] = ConvNormAct(
                 prev,
@@ -212,6 +220,13 @@ class TrustMAE(nn.Module):
         margin: triplet margin of ``L_margin`` (on unit vectors).
         trust_history, fixed_radii, pull: passed to :class:`TrustRegion`.
         similarity, shrink_threshold: passed to :class:`MemoryModule`.
+        projection: *reading* -- address the memory in a learned linear 1x1 projection of the encoder output (no
+            ReLU), not in the encoder's non-negative ReLU features, where every two locations have a cosine near
+            0.65 and cosine addressing cannot tell slots apart. The decoder reads the memory's read-out as before.
+        slot_update, ema_decay: how the slots learn (:class:`MemoryModule`); with ``"ema"`` the trust region's bands
+            drive :meth:`MemoryModule.ema_update` in every training forward (*w/o TR*: every feature pulls).
+        trust_normalised: ``L_trust`` on distances relative to the features' RMS norm (:class:`TrustRegion`).
+        stages: stride-2 stages of encoder and decoder (5 = Table 1; 4 = an 8 x 8 memory grid at 128 px).
 
     Example:
         >>> model = TrustMAE(width=0.125, memory_slots=16, memory_topk=4)
@@ -240,15 +255,23 @@ class TrustMAE(nn.Module):
         pull: str = "squared",
         similarity: str = "cosine",
         shrink_threshold: float = 0.0025,
+        projection: bool = False,
+        slot_update: str = "gradient",
+        ema_decay: float = 0.95,
+        trust_normalised: bool = False,
+        stages: int = 5,
     ):
         super().__init__()
+        if stages not in (4, 5):
+            raise TrustMAEError(f"stages must be 5 (Table 1) or 4 (one stride-2 stage fewer), got {stages}")
         if not 0 < width <= 4:
             raise TrustMAEError(f"width {width} must be in (0, 4]; 1.0 is supplement Table 1")
         if num_classes < 1:
             raise TrustMAEError(f"num_classes must be >= 1, got {num_classes}")
         self.hparams = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.num_classes = num_classes
-        self.encoder = Encoder(width, num_classes)
+        self.downsample = 2**stages
+        self.encoder = Encoder(width, num_classes, stages)
         dim = self.encoder.out_channels
         self.memory = (
             MemoryModule(
@@ -259,10 +282,13 @@ class TrustMAE(nn.Module):
                 temperature=memory_temperature,
                 shrink_threshold=shrink_threshold,
                 similarity=similarity,
+                slot_update=slot_update,
+                ema_decay=ema_decay,
             )
             if use_memory
             else None
         )
+        self.project = nn.Conv2d(dim, dim, 1) if (projection and use_memory) else None
         use_trust = trust_region and use_memory
         self.trust = (
             TrustRegion(
@@ -272,6 +298,7 @@ class TrustMAE(nn.Module):
                 fixed_radii=fixed_radii,
                 pull=pull,
                 min_history=min(4, trust_history),
+                normalised=trust_normalised,
             )
             if use_trust
             else None
@@ -279,7 +306,7 @@ class TrustMAE(nn.Module):
         self.detach_untrusted = detach_untrusted and use_trust
         self.use_margin = use_memory and (trust_region if use_margin is None else use_margin)
         self.margin = margin
-        self.decoder = Decoder(width, num_classes)
+        self.decoder = Decoder(width, num_classes, stages)
 
     @classmethod
     def from_profile(cls, profile, **overrides) -> TrustMAE:
@@ -302,9 +329,9 @@ class TrustMAE(nn.Module):
                 "convert grayscale to RGB and add a batch dimension"
             )
         h, w = x.shape[-2:]
-        if h % DOWNSAMPLE or w % DOWNSAMPLE or h == 0 or w == 0:
+        if h % self.downsample or w % self.downsample or h == 0 or w == 0:
             raise TrustMAEError(
-                f"image size {h}x{w} is not a multiple of {DOWNSAMPLE} (Table 1 has five stride-2 "
+                f"image size {h}x{w} is not a multiple of {self.downsample} (Table 1 has five stride-2 "
                 "stages); resize to e.g. 64, 128 or 256"
             )
         if y is None and self.num_classes > 1:
@@ -323,6 +350,8 @@ class TrustMAE(nn.Module):
         """
         self.check_input(x, y)
         z = self.encoder(x, y)  # (B, C, h, w)
+        if self.project is not None:
+            z = self.project(z)  # (B, C, h, w) memory space: linear, may be negative
         zero = z.new_zeros(())
         losses = {"trust": zero, "margin": zero, "entropy": zero}
         stats: dict[str, float] = {}
@@ -330,8 +359,13 @@ class TrustMAE(nn.Module):
         latent = z
         if self.memory is not None:
             slots = self.memory.memory  # (M, C)
+            assignment = None
             if self.trust is not None:
-                losses["trust"], stats, trusted = self.trust(z, slots, return_trusted=True)
+                losses["trust"], stats, trusted, assignment = self.trust(
+                    z, slots, return_trusted=True, return_assignment=True
+                )
+            if self.memory.slot_update == "ema" and self.training:
+                stats = {**stats, **self._ema_step(z, assignment)}
             readout = self.memory(z, trusted=trusted if self.detach_untrusted else None)
             if self.use_margin:
                 losses["margin"] = margin_loss(z, slots, margin=self.margin, mask=trusted)
@@ -339,6 +373,19 @@ class TrustMAE(nn.Module):
             latent = readout.read
         recon = self.decoder(latent, y)  # (B, 3, H, W)
         return TrustMAEOutput(recon=recon, features=z, readout=readout, losses=losses, stats=stats, trusted=trusted)
+
+    def _ema_step(self, z: Tensor, assignment) -> dict[str, float]:
+        """One moving-average step of the slots before they are read: the trusted features pull, the doubt band
+        pushes (the hinge's ``(delta2 - d) / d`` as strength); without a trust region every feature pulls."""
+        from trustmae_lib.model.trust_region import nearest_slot
+
+        if assignment is None:  # w/o TR: plain online k-means over every feature
+            rows = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()  # (N, C)
+            idx = nearest_slot(rows, self.memory.memory)
+            return self.memory.ema_update(rows, idx, torch.ones_like(idx, dtype=torch.bool))
+        a = assignment
+        scale = (a.outer - a.distance).clamp_min(0) / a.distance.clamp_min(1e-12)  # (N,)
+        return self.memory.ema_update(a.rows.float(), a.nearest, a.inside, push=a.between, push_scale=scale)
 
     def table_layers(self) -> list[tuple[str, str, nn.Module]]:
         """``(part, name, module)`` of every Table-1 row in order (used by :func:`layer_table`)."""

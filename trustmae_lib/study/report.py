@@ -37,6 +37,10 @@ __all__ = [
     "paired_gap",
     "claims",
     "readings_table",
+    "mean_ci",
+    "ci_verdict",
+    "diagnostics_frame",
+    "memory_study_table",
 ]
 
 #: Fewest seeds behind a comparison for a verdict: with fewer, the spread over seeds is no yardstick (one seed has
@@ -409,4 +413,125 @@ def readings_table(frame: pd.DataFrame, metric: str = "image_auroc") -> pd.DataF
                 "verdict": _verdict(gap.mean(), spread, len(gap)),
             }
         )
+    return pd.DataFrame(out)
+
+
+def mean_ci(values, level: float = 0.95) -> tuple[float, float, float, int]:
+    """Mean of per-seed values (e.g. paired differences) and its Student-t confidence interval.
+
+    Returns:
+        ``(mean, low, high, n)``; with fewer than two values the interval is ``(nan, nan)``.
+    """
+    from scipy import stats
+
+    values = pd.Series(values, dtype=float).dropna()
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan"), 0
+    mean = float(values.mean())
+    if n < 2:
+        return mean, float("nan"), float("nan"), n
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * values.std(ddof=1) / np.sqrt(n))
+    return mean, mean - half, mean + half, n
+
+
+def ci_verdict(low: float, high: float, n: int) -> str:
+    """``too few seeds`` below :data:`MIN_SEEDS`; else ``holds`` when the whole interval is above 0, ``fails`` when it
+    is below 0, ``inconclusive`` when it contains 0."""
+    if n < MIN_SEEDS:
+        return "too few seeds"
+    if low > 0:
+        return "holds"
+    return "fails" if high < 0 else "inconclusive"
+
+
+def diagnostics_frame(results: Iterable[dict]) -> pd.DataFrame:
+    """One row per result file with the mechanism diagnostics (:mod:`trustmae_lib.engine.diagnostics`) beside the
+    primary variant's image AUROC: ``dataset, category, protocol, method, reading, noise, seed, image_auroc,
+    slot_movement, perplexity, used_slots, captured_fraction, defect_share, untrusted_fraction,
+    untrusted_precision, untrusted_recall, l1_good, diversity, platform, file`` (``NaN`` where a file has no such
+    diagnostic)."""
+    rows = []
+    for res in results:
+        d = res.get("diagnostics") or {}
+        mem, trust, rec = d.get("memory") or {}, d.get("trust") or {}, d.get("reconstruction") or {}
+        rows.append(
+            {
+                "dataset": str(res.get("dataset")).rstrip("/").split("/")[-1],
+                "category": res.get("category"),
+                "protocol": res.get("protocol", "overlap"),
+                "method": res.get("method"),
+                "reading": res.get("reading") or "",
+                "noise": float(res.get("noise_ratio", 0.0)),
+                "seed": int(res.get("seed", 0)),
+                "image_auroc": res.get("image_auroc"),
+                "slot_movement": mem.get("slot_movement"),
+                "perplexity": mem.get("perplexity"),
+                "used_slots": mem.get("used_slots"),
+                "captured_fraction": mem.get("captured_fraction"),
+                "defect_share": mem["defect_locations"] / mem["locations"] if mem.get("locations") else None,
+                "untrusted_fraction": trust.get("untrusted_fraction"),
+                "untrusted_precision": trust.get("untrusted_precision"),
+                "untrusted_recall": trust.get("untrusted_recall"),
+                "l1_good": rec.get("l1_good"),
+                "diversity": rec.get("diversity"),
+                "platform": (res.get("platform") or {}).get("cpu"),
+                "file": res.get("file", ""),
+            }
+        )
+    frame = pd.DataFrame(rows)
+    numeric = ["image_auroc", "slot_movement", "perplexity", "used_slots", "captured_fraction", "defect_share",
+               "untrusted_fraction", "untrusted_precision", "untrusted_recall", "l1_good", "diversity"]  # fmt: skip
+    for col in numeric:
+        if col in frame:
+            frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    return frame
+
+
+def memory_study_table(frame: pd.DataFrame, reading: str, level: float = 0.95) -> pd.DataFrame:
+    """Claims 2 and 3 per category and protocol for TrustMAE and w/o TR under one ``reading`` (chapter 4, 13).
+
+    ``frame`` is :func:`diagnostics_frame` (or any frame with ``dataset, category, protocol, method, reading, noise,
+    seed, image_auroc``). One row per (``dataset/category``, protocol) plus a ``mean`` row per protocol (per seed,
+    the mean over categories): TrustMAE's image AUROC clean and at the noisiest ratio and w/o TR's at the noisiest
+    (percent, mean over seeds), then two paired differences in points with their ``level`` t-intervals and
+    :func:`ci_verdict` -- ``change`` = TrustMAE noisy − clean, paired by seed (claim 2: a small loss), and ``gap`` =
+    TrustMAE − w/o TR at the noisiest ratio, paired by seed (claim 3: positive).
+    """
+    part = frame[frame["reading"] == reading].dropna(subset=["image_auroc"]).copy()
+    if part.empty:
+        raise TrustMAEError(f"no results with reading '{reading}' to tabulate")
+    part["column"] = part["dataset"] + "/" + part["category"]
+    lo, hi = part["noise"].min(), part["noise"].max()
+
+    def per_seed(p, method, noise):
+        return p[(p["method"] == method) & (p["noise"] == noise)].groupby("seed")["image_auroc"].mean()
+
+    def row(p, name, protocol):
+        clean, noisy = per_seed(p, "trustmae", lo), per_seed(p, "trustmae", hi)
+        other = per_seed(p, "trustmae_no_tr", hi)
+        both = clean.index.intersection(noisy.index)
+        paired = noisy.index.intersection(other.index)
+        change = mean_ci((noisy[both] - clean[both]) * 100, level)
+        gap = mean_ci((noisy[paired] - other[paired]) * 100, level)
+        return {
+            "category": name,
+            "protocol": protocol,
+            "TrustMAE clean": round(100 * clean.mean(), 1) if len(clean) else np.nan,
+            f"TrustMAE {round(100 * hi)} %": round(100 * noisy.mean(), 1) if len(noisy) else np.nan,
+            f"w/o TR {round(100 * hi)} %": round(100 * other.mean(), 1) if len(other) else np.nan,
+            "change": round(change[0], 1),
+            "change CI": f"[{change[1]:+.1f}, {change[2]:+.1f}]",
+            "gap": round(gap[0], 1),
+            "gap CI": f"[{gap[1]:+.1f}, {gap[2]:+.1f}]",
+            "seeds": gap[3],
+            "claim 3": ci_verdict(gap[1], gap[2], gap[3]),
+        }
+
+    out = []
+    for protocol, p in part.groupby("protocol", sort=True):
+        for column, q in p.groupby("column", sort=True):
+            out.append(row(q, column, protocol))
+        means = p.groupby(["method", "noise", "seed"], as_index=False)["image_auroc"].mean()
+        out.append(row(means, "mean", protocol))
     return pd.DataFrame(out)

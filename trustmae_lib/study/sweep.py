@@ -105,10 +105,10 @@ class SweepConfig:
 
     def readings_for(self, method: str) -> tuple:
         """Readings of ``method``'s cells (only the TrustMAE methods take any; ``""`` = the library's)."""
-        if not is_trustmae(method):
-            return ("",)
         if isinstance(self.readings, dict):
             return tuple(self.readings.get(method, ("",)))
+        if not is_trustmae(method):  # a plain list is for the TrustMAE methods; a mapping names other methods
+            return ("",)
         return tuple(self.readings)
 
     @property
