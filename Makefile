@@ -12,7 +12,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 EXECUTED := $(patsubst notebooks/%,book/%,$(NOTEBOOKS))
 export PYTHONHASHSEED := 0
 
-.PHONY: all install book data notebooks html test lint format dist reproduce reproduce-textures readings mechanism sweep bench clean
+.PHONY: all install book data validation-data notebooks html test lint format dist reproduce reproduce-textures readings mechanism memory memory-validation memae-validation memae sweep bench clean
 
 all: book
 
@@ -85,6 +85,26 @@ readings: $(STAMP)
 mechanism: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu_mechanism --fresh --jobs 2
 
+# Validation copies for choosing settings, never the book's test images: the widget drawn with generator seed 1.
+validation-data: $(STAMP)
+	$(PY) -m trustmae_lib data synthetic --profile cpu --seed 1 --categories widget --out $(DATA)/validation/synthetic-s1
+
+# The learned memory (chapter 4): chosen on validation copies, then the noise study's core under it (both protocols).
+memory-validation: validation-data
+	$(PY) -m trustmae_lib sweep sweep_cpu_memory_validation --fresh --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_memory_ablation --fresh --jobs 2
+
+memory: $(STAMP)
+	$(PY) -m trustmae_lib sweep sweep_cpu_memory --fresh --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_memory_disjoint --fresh --jobs 2
+
+# MemAE's shrinkage threshold (chapter 13), on validation copies; then MemAE with it and its memory-less twin.
+memae-validation: validation-data
+	$(PY) -m trustmae_lib sweep sweep_cpu_memae_validation --fresh --jobs 2
+
+memae: $(STAMP)
+	$(PY) -m trustmae_lib sweep sweep_cpu_memae --fresh --jobs 2
+
 sweep: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_calibration --jobs 2
@@ -93,6 +113,13 @@ sweep: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu_bar --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_readings --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_mechanism --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_memory --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_memory_disjoint --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_memae --jobs 2
+	$(MAKE) validation-data
+	$(PY) -m trustmae_lib sweep sweep_cpu_memory_validation --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_memory_ablation --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_memae_validation --jobs 2
 
 # Performance benchmarks (benchmarks/README.md) -> results/bench/*.json, read by the performance chapter.
 bench: $(STAMP)

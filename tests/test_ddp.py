@@ -23,8 +23,8 @@ WORKER = textwrap.dedent(
     from trustmae_lib.config import RunSpec
     from trustmae_lib.engine.train import fit
 
-    out = sys.argv[1]
-    result = fit(RunSpec(method="trustmae", steps=3), out, progress=False)
+    out, reading = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else ""
+    result = fit(RunSpec(method="trustmae", steps=3, reading=reading), out, progress=False)
     rank = int(os.environ["RANK"])
     torch.save({"models": {k: m.state_dict() for k, m in result.models.items()}, "log": result.log},
                os.path.join(out, f"rank{rank}.pt"))
@@ -55,10 +55,11 @@ def data_dir(tmp_path_factory):
     return path
 
 
-def test_two_gloo_processes_end_with_identical_weights(tmp_path, data_dir):
+@pytest.mark.parametrize("reading", ["", "ema"])  # "ema": moving-average slots, their sums pooled over the ranks
+def test_two_gloo_processes_end_with_identical_weights(tmp_path, data_dir, reading):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    proc = _torchrun([str(script), str(tmp_path)], _env(data_dir), tmp_path)
+    proc = _torchrun([str(script), str(tmp_path), reading], _env(data_dir), tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
