@@ -90,7 +90,9 @@ def test_bench_train_schema(tmp_path, keep_threads):
         assert r["profile"] == "smoke" and r["batch"] == 4 and r["input_size"] == 64
         assert r["step_ms"] > 0 and r["images_per_s"] > 0 and 0 <= r["data_share"] < 1
         assert len(r["step"]["runs_s"]) == 1
-        assert math.isclose(r["achieved_gflops"], r["gflop_per_step"] / (r["step_ms"] / 1e3), rel_tol=0.02)
+        # achieved_gflops is rounded to 0.01: on a slow (shared) machine that rounding alone can exceed 2 %
+        achieved = r["gflop_per_step"] / (r["step_ms"] / 1e3)
+        assert math.isclose(r["achieved_gflops"], achieved, rel_tol=0.02, abs_tol=0.006)
         # The ratio is to the matmul limit measured just before this configuration.
         assert math.isclose(r["ratio_to_matmul"], r["achieved_gflops"] / r["limit_gflops"], rel_tol=0.02, abs_tol=1e-4)
         assert 0 < r["cpu_utilisation"] and "busy_before" in r and r["waited_s"] >= 0

@@ -28,6 +28,12 @@ COMMITTED = (
     "sweep_cpu_bar",
     "sweep_cpu_readings",
     "sweep_cpu_mechanism",
+    "sweep_cpu_memory",
+    "sweep_cpu_memory_disjoint",
+    "sweep_cpu_memory_validation",
+    "sweep_cpu_memory_ablation",
+    "sweep_cpu_memae_validation",
+    "sweep_cpu_memae",
 )
 #: The cell recomputed from scratch: TrustMAE with the trust region at 10 % noise (re-drawn defects included).
 CELL = RunSpec(dataset="synthetic", category="widget", noise_ratio=0.1, method="trustmae", profile="cpu", seed=0,

@@ -232,8 +232,12 @@ def test_memory_study_table_pairs_by_seed_with_intervals():
                 ),  # fmt: skip
             ]
     results.append(_diag_result("trustmae", 0.0, 0, 0.5, reading=""))  # another reading: left out
-    frame = report.diagnostics_frame(results)
+    unmasked = _diag_result("trustmae", 0.4, 0, 0.8, category="mono", reading="other")
+    unmasked["diagnostics"]["memory"].update(defect_locations=0, captured_fraction=0.0)  # image labels, no masks
+    frame = report.diagnostics_frame(results + [unmasked])
     assert frame["defect_share"].iloc[0] == pytest.approx(0.05) and frame["slot_movement"].iloc[0] == 0.5
+    assert frame.iloc[-1][["captured_fraction", "defect_share"]].isna().all()  # unknown, not 0
+    assert frame.iloc[-1]["slot_movement"] == 0.5
     table = report.memory_study_table(frame, "ema").set_index(["protocol", "category"])
     dis, over = table.loc[("disjoint", "synthetic/widget")], table.loc[("overlap", "synthetic/widget")]
     # per seed the clean -> 40 % change is exactly -5 points (disjoint: 0), so its interval has no width

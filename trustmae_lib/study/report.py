@@ -450,7 +450,8 @@ def diagnostics_frame(results: Iterable[dict]) -> pd.DataFrame:
     primary variant's image AUROC: ``dataset, category, protocol, method, reading, noise, seed, image_auroc,
     slot_movement, perplexity, used_slots, captured_fraction, defect_share, untrusted_fraction,
     untrusted_precision, untrusted_recall, l1_good, diversity, platform, file`` (``NaN`` where a file has no such
-    diagnostic)."""
+    diagnostic). A noisy training set without a single defect location has no defect masks (``elpv`` labels whole
+    images): its ``captured_fraction``, ``defect_share`` and ``untrusted_*`` are unknown, so ``NaN``, not 0."""
     rows = []
     for res in results:
         d = res.get("diagnostics") or {}
@@ -480,6 +481,9 @@ def diagnostics_frame(results: Iterable[dict]) -> pd.DataFrame:
             }
         )
     frame = pd.DataFrame(rows)
+    if len(frame):
+        unmasked = (frame["noise"] > 0) & (frame["defect_share"].fillna(0) == 0)
+        frame.loc[unmasked, ["captured_fraction", "defect_share", "untrusted_precision", "untrusted_recall"]] = None
     numeric = ["image_auroc", "slot_movement", "perplexity", "used_slots", "captured_fraction", "defect_share",
                "untrusted_fraction", "untrusted_precision", "untrusted_recall", "l1_good", "diversity"]  # fmt: skip
     for col in numeric:
