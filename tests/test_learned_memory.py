@@ -131,3 +131,21 @@ def test_learned_memory_reading_moves_its_slots_far_more_than_adam_in_real_train
         movement[reading] = result["diagnostics"]["memory"]["slot_movement"]
         assert movement[reading] == pytest.approx(float((slots - init).norm() / init.norm()), rel=1e-5)
     assert movement["ema"] > 5 * movement[""], movement
+
+
+def test_both_initialisations_take_the_features_where_the_memory_addresses_them():
+    from trustmae_lib.engine.methods import init_memory_from_features, init_memory_kmeans, memory_space_features
+
+    torch.manual_seed(0)
+    model = TrustMAE(width=0.125, memory_slots=8, memory_topk=2, projection=True, slot_update="ema")
+    images = torch.rand(4, 3, 64, 64) * 2 - 1
+    rows = memory_space_features(model, images, batch_size=4)  # (4*2*2, C) after the projection
+    encoder_rows = model.encoder(images).detach().permute(0, 2, 3, 1).reshape(-1, rows.shape[1])
+    assert not torch.allclose(rows, encoder_rows)  # the projection changes the space
+    init_memory_from_features(model, images, seed=0)
+    assert all(any(torch.equal(slot, r) for r in rows) for slot in model.memory.memory)  # slots are projected rows
+    init_memory_kmeans(model, images, batch_size=4, seed=0)
+    # k-means centroids: each slot is the mean of the rows nearest to it (8 slots for 16 rows)
+    nearest = torch.cdist(rows, model.memory.memory).argmin(1)
+    for i in nearest.unique():
+        assert torch.allclose(model.memory.memory[i], rows[nearest == i].mean(0), atol=1e-4)

@@ -64,23 +64,20 @@ def init_memory_from_features(model: nn.Module, images: Tensor, seed: int = 0) -
     The slots of :class:`~trustmae_lib.model.memory.MemoryModule` start uniform in ``+-1/sqrt(C)`` (MemAE's code), far
     from the encoder's features in Euclidean distance; Adam moves each coordinate by about ``lr`` per step, so
     the trust region (a Euclidean radius around the nearest slot) would compare features with slots that never
-    reach them. Starting from features puts the slots among the data. The encoder runs in training mode (batch
-    statistics, as in the first step); its batch-norm buffers are restored afterwards.
+    reach them. Starting from features puts the slots among the data. The features are taken where the memory
+    addresses them (after the projection, if the model has one; :func:`memory_space_features`), with the encoder in
+    training mode (batch statistics, as in the first step); its batch-norm buffers are restored afterwards.
 
     Args:
         model: a :class:`~trustmae_lib.model.trustmae.TrustMAE` with a memory.
-        images: ``(B, 3, H, W)`` in [-1, 1].
+        images: ``(B, 3, H, W)`` in [-1, 1], one batch.
         seed: seeds the choice of feature vectors.
     """
     if getattr(model, "memory", None) is None:
         return
-    buffers = {k: v.clone() for k, v in model.encoder.state_dict().items()}
-    was_training = model.encoder.training
-    model.encoder.train()
-    z = model.encoder(images)  # (B, C, h, w)
-    model.encoder.load_state_dict(buffers)
-    model.encoder.train(was_training)
-    model.memory.init_from_features(z, generator=torch.Generator().manual_seed(mix_seed(seed, 0x3E3)))
+    rows = memory_space_features(model, images, batch_size=images.shape[0])  # (B*h*w, C)
+    model.memory.init_from_features(rows[:, :, None, None],
+                                    generator=torch.Generator().manual_seed(mix_seed(seed, 0x3E3)))  # fmt: skip
 
 
 @torch.no_grad()
