@@ -252,6 +252,7 @@ class MemoryModule(nn.Module):
             raise TrustMAEError("ema_update needs a memory built with slot_update='ema'")
         import torch.distributed as dist
 
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         rows = rows.detach().to(self.memory.dtype)
         m, rate = self.num_slots, 1.0 - self.ema_decay
         weight = pull.to(rows.dtype)  # (N,)
@@ -264,7 +265,7 @@ class MemoryModule(nn.Module):
             push_counts.index_add_(0, nearest, push.to(rows.dtype))
             # sum over pushed rows of scale * (m - z) = scale * m - scale * z, accumulated per slot
             push_sums.index_add_(0, nearest, pw[:, None] * (self.memory[nearest] - rows))
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if distributed:
             for t in (counts, sums, push_counts, push_sums):
                 dist.all_reduce(t)
         pulled = counts > 0
@@ -279,9 +280,8 @@ class MemoryModule(nn.Module):
             self.usage.mul_(self.ema_decay).add_(counts, alpha=rate)
         dead = self.usage < self.dead_fraction * self.usage.mean()
         candidates = pull.nonzero().squeeze(1)
-        n_restart = min(int(dead.sum()), int(candidates.numel()))
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            n_restart = 0  # ranks hold different features: no restarts, so that their slots stay the same
+        # ranks hold different features: no restarts under DDP, so that their slots stay the same
+        n_restart = 0 if distributed else min(int(dead.sum()), int(candidates.numel()))
         if n_restart:
             slots = dead.nonzero().squeeze(1)[:n_restart]
             pick = candidates[torch.randperm(candidates.numel(), device=candidates.device)[:n_restart]]
