@@ -280,6 +280,8 @@ def test_a_reading_changes_the_built_network_and_the_run_key():
     learned = build_models(RunSpec(method="trustmae", reading="ema"), profile)["model"]
     assert learned.project is not None and learned.memory.slot_update == "ema" and learned.trust.normalised
     assert build_models(RunSpec(method="trustmae", reading="ema8"), profile)["model"].downsample == 16
+    sharp = build_models(RunSpec(method="trustmae", reading="ema_t02"), profile)["model"]
+    assert sharp.memory.temperature == 0.02 and sharp.memory.slot_update == "ema" and sharp.project is not None
     # MemAE's readings: the paper's threshold interval at M = 128 and the memory-less twin
     memae = build_models(RunSpec(method="memae", reading="shrink2m"), profile)["model"]
     assert memae.memory.shrink_threshold == pytest.approx(2 / memae.memory.num_slots)

@@ -293,6 +293,16 @@ READINGS: dict[str, dict] = {
                    "why": "the learned memory without the projection: addressed in the encoder's ReLU features"},
     "ema_first": {"model": {"projection": True, "slot_update": "ema", "trust_normalised": True},
                   "why": "the learned memory started from one batch's features (the library's init), not k-means"},
+    # The read-out of the learned memory (issue: reconstructions vary little from image to image): a sharper softmax
+    # over the top-k cosine similarities, so that each location reads mostly its nearest slot instead of a mixture.
+    "ema_t05": {"model": {"projection": True, "slot_update": "ema", "trust_normalised": True,
+                          "memory_temperature": 0.05},
+                "init": {"memory_init": "kmeans"},
+                "why": "the learned memory read out at softmax temperature 0.05 (profile: 0.1): a sharper mixture"},
+    "ema_t02": {"model": {"projection": True, "slot_update": "ema", "trust_normalised": True,
+                          "memory_temperature": 0.02},
+                "init": {"memory_init": "kmeans"},
+                "why": "the learned memory read out at softmax temperature 0.02: nearly the nearest slot alone"},
 }  # fmt: skip
 
 
