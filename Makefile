@@ -12,7 +12,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 EXECUTED := $(patsubst notebooks/%,book/%,$(NOTEBOOKS))
 export PYTHONHASHSEED := 0
 
-.PHONY: all install book data validation-data notebooks html test lint format dist reproduce reproduce-textures readings mechanism memory memory-validation memae-validation memae sweep bench clean
+.PHONY: all install book data validation-data notebooks html test lint format dist reproduce reproduce-textures readings mechanism memory memory-grid memory-validation memae-validation memae sweep bench clean
 
 all: book
 
@@ -93,10 +93,16 @@ validation-data: $(STAMP)
 memory-validation: validation-data
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_validation --fresh --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_ablation --fresh --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_memory_readout --fresh --jobs 2
 
 memory: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory --fresh --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_disjoint --fresh --jobs 2
+
+# The rest of the learned-memory grid: the same cells at 20 % noise (overlap), and the brick texture at 0 and 40 %.
+memory-grid: $(STAMP)
+	$(PY) -m trustmae_lib sweep sweep_cpu_memory_grid --fresh --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_memory_texture --fresh --jobs 2
 
 # MemAE's shrinkage threshold (chapter 13), on validation copies; then MemAE with it and its memory-less twin.
 memae-validation: validation-data
@@ -115,10 +121,13 @@ sweep: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu_mechanism --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_disjoint --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_memory_grid --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_memory_texture --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_memae --jobs 2
 	$(MAKE) validation-data
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_validation --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_ablation --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_memory_readout --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_memae_validation --jobs 2
 
 # Performance benchmarks (benchmarks/README.md) -> results/bench/*.json, read by the performance chapter.

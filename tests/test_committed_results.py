@@ -30,8 +30,11 @@ COMMITTED = (
     "sweep_cpu_mechanism",
     "sweep_cpu_memory",
     "sweep_cpu_memory_disjoint",
+    "sweep_cpu_memory_grid",
+    "sweep_cpu_memory_texture",
     "sweep_cpu_memory_validation",
     "sweep_cpu_memory_ablation",
+    "sweep_cpu_memory_readout",
     "sweep_cpu_memae_validation",
     "sweep_cpu_memae",
 )
