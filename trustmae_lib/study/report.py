@@ -524,9 +524,9 @@ def memory_study_table(frame: pd.DataFrame, reading: str, level: float = 0.95) -
             "TrustMAE clean": round(100 * clean.mean(), 1) if len(clean) else np.nan,
             f"TrustMAE {round(100 * hi)} %": round(100 * noisy.mean(), 1) if len(noisy) else np.nan,
             f"w/o TR {round(100 * hi)} %": round(100 * other.mean(), 1) if len(other) else np.nan,
-            "change": round(change[0], 1),
+            "change": round(change[0], 1) + 0.0,  # + 0.0: no "-0.0"
             "change CI": f"[{change[1]:+.1f}, {change[2]:+.1f}]",
-            "gap": round(gap[0], 1),
+            "gap": round(gap[0], 1) + 0.0,
             "gap CI": f"[{gap[1]:+.1f}, {gap[2]:+.1f}]",
             "seeds": gap[3],
             "claim 3": ci_verdict(gap[1], gap[2], gap[3]),
