@@ -260,6 +260,9 @@ PAPER_NOISE_RATIOS = (0.05, 0.10, 0.15, 0.20, 0.30, 0.40)
 #: constructor arguments (``model``), Eq. 9 weights (``loss``) and slot initialisation (``init``) it changes and why
 #: it is a reasonable reading; the default reading (``""``) is the library's. A reading applies to the TrustMAE
 #: methods unless it lists its ``methods`` (MemAE's). Chosen on validation copies, never the test set.
+#: The learned memory's model settings (chapter 4), shared by the `ema` readings below.
+_LEARNED = {"projection": True, "slot_update": "ema", "trust_normalised": True}
+
 READINGS: dict[str, dict] = {
     "inner60": {"model": {"inner_quantile": 0.6},
                 "why": "stricter trust region: only the nearest 60 % of features pull their slot (default 80 %)"},
@@ -272,11 +275,11 @@ READINGS: dict[str, dict] = {
     "m512": {"model": {"memory_slots": 512},
              "why": "M = 512 slots (profile: 128), the paper-profile count: more room to store defects too"},
     # The learned memory of chapter 4 (issue: the slots barely move under Adam). Chosen on validation copies.
-    "ema": {"model": {"projection": True, "slot_update": "ema", "trust_normalised": True},
+    "ema": {"model": dict(_LEARNED),
             "init": {"memory_init": "kmeans"},
             "why": "slots learn as moving averages of the trusted features (online k-means), start at k-means "
                    "centroids of the whole training set, and are addressed in a linear projection of the features"},
-    "ema8": {"model": {"projection": True, "slot_update": "ema", "trust_normalised": True, "stages": 4},
+    "ema8": {"model": {**_LEARNED, "stages": 4},
              "init": {"memory_init": "kmeans"},
              "why": "the learned memory on an 8 x 8 grid at 128 px (one stride-2 stage fewer), the grid Table 1 has "
                     "at 256 px"},
@@ -291,16 +294,14 @@ READINGS: dict[str, dict] = {
               "why": "MemAE's encoder and decoder without the memory: the twin that shows what the memory adds"},
     "ema_noproj": {"model": {"slot_update": "ema", "trust_normalised": True}, "init": {"memory_init": "kmeans"},
                    "why": "the learned memory without the projection: addressed in the encoder's ReLU features"},
-    "ema_first": {"model": {"projection": True, "slot_update": "ema", "trust_normalised": True},
+    "ema_first": {"model": dict(_LEARNED),
                   "why": "the learned memory started from one batch's features (the library's init), not k-means"},
     # The read-out of the learned memory (issue: reconstructions vary little from image to image): a sharper softmax
     # over the top-k cosine similarities, so that each location reads mostly its nearest slot instead of a mixture.
-    "ema_t05": {"model": {"projection": True, "slot_update": "ema", "trust_normalised": True,
-                          "memory_temperature": 0.05},
+    "ema_t05": {"model": {**_LEARNED, "memory_temperature": 0.05},
                 "init": {"memory_init": "kmeans"},
                 "why": "the learned memory read out at softmax temperature 0.05 (profile: 0.1): a sharper mixture"},
-    "ema_t02": {"model": {"projection": True, "slot_update": "ema", "trust_normalised": True,
-                          "memory_temperature": 0.02},
+    "ema_t02": {"model": {**_LEARNED, "memory_temperature": 0.02},
                 "init": {"memory_init": "kmeans"},
                 "why": "the learned memory read out at softmax temperature 0.02: nearly the nearest slot alone"},
 }  # fmt: skip
