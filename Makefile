@@ -12,7 +12,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 EXECUTED := $(patsubst notebooks/%,book/%,$(NOTEBOOKS))
 export PYTHONHASHSEED := 0
 
-.PHONY: all install book data validation-data notebooks html test lint format dist reproduce reproduce-textures readings mechanism memory memory-grid memory-validation memae-validation memae sweep bench clean
+.PHONY: all install book data validation-data notebooks html test lint format dist reproduce reproduce-first reproduce-textures readings mechanism memory memory-grid memory-validation memae-validation memae sweep bench bench-reproduce clean
 
 all: book
 
@@ -65,9 +65,15 @@ dist: $(STAMP)
 	$(PY) -m build $(BUILD_FLAGS) --outdir $(DIST) .
 	@ls $(DIST)/trustmae_lib-*
 
-# The embedded-default noise study (configs/sweep_cpu.yaml: synthetic widget + elpv mono) from scratch;
+# The core of the noise study from scratch (chapters 11-13): every method on the widget and elpv/mono, both
+# protocols, clean and 40 % noise, three seeds, 300 steps each (configs/sweep_cpu_core*.yaml, 144 cells);
 # `make sweep` only fills in missing or stale cells of every committed sweep.
 reproduce: $(STAMP)
+	$(PY) -m trustmae_lib sweep sweep_cpu_core --fresh --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_core_disjoint --fresh --jobs 2
+
+# The first noise study (configs/sweep_cpu.yaml: 0-40 % noise, the library's memory, baselines at 600 steps).
+reproduce-first: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu --fresh --jobs 2
 
 # The embedded benchmark's calibration and the disjoint protocol (chapters 1, 13), chapter 13's runs on the textures
@@ -112,6 +118,8 @@ memae: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu_memae --fresh --jobs 2
 
 sweep: $(STAMP)
+	$(PY) -m trustmae_lib sweep sweep_cpu_core --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_core_disjoint --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_calibration --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_disjoint --jobs 2
@@ -141,6 +149,10 @@ bench: $(STAMP)
 	-$(PY) benchmarks/sweep_data.py --out results/bench/sweep_data.json  # needs the sweep's run folders
 	$(PY) benchmarks/sweep_time.py --out results/bench/sweep_time.json  # ~13 min: noise-study cells, 3 code versions
 	$(PY) benchmarks/report.py results/bench
+
+# `make reproduce` from scratch in a clean worktree of HEAD, timed -> results/bench/reproduce.json (~1.5 h).
+bench-reproduce: $(STAMP)
+	$(PY) benchmarks/bench_reproduce.py --out results/bench/reproduce.json
 
 clean:
 	rm -rf _build book/[0-9][0-9]_*.ipynb

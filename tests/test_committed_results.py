@@ -21,6 +21,8 @@ from trustmae_lib.utils import same_platform
 
 #: Sweeps whose every cell has a committed result.
 COMMITTED = (
+    "sweep_cpu_core",
+    "sweep_cpu_core_disjoint",
     "sweep_cpu",
     "sweep_cpu_calibration",
     "sweep_cpu_disjoint",

@@ -22,14 +22,15 @@ def _result(method, noise, seed, auc, variant=None, category="widget"):
             "file": f"{method}-{noise}-{seed}.json"}  # fmt: skip
 
 
+def _raw(aucs: dict, seeds=(0, 1, 2), jitter=0.01, offset=0.0) -> list[dict]:
+    """``aucs[method][noise] = AUROC`` (+ ``offset``) as result dicts; seeds add ``+- jitter``."""
+    return [_result(method, noise, s, auc + offset + jitter * (s - 1))
+            for method, by_noise in aucs.items() for noise, auc in by_noise.items() for s in seeds]  # fmt: skip
+
+
 def _frame(aucs: dict, seeds=(0, 1, 2), jitter=0.01):
     """``aucs[method][noise] = AUROC``; seeds add ``+- jitter``."""
-    out = []
-    for method, by_noise in aucs.items():
-        for noise, auc in by_noise.items():
-            for s in seeds:
-                out.append(_result(method, noise, s, auc + jitter * (s - 1)))
-    return report.results_frame(out)
+    return report.results_frame(_raw(aucs, seeds, jitter))
 
 
 GOOD = {
@@ -247,3 +248,36 @@ def test_memory_study_table_pairs_by_seed_with_intervals():
     assert ("overlap", "mean") in table.index
     with pytest.raises(Exception, match="no results"):
         report.memory_study_table(frame, "ema8")
+
+
+def test_study_readings_pick_the_core_studys_cells():
+    """The core study trains TrustMAE and w/o TR under `ema` and MemAE under `shrink2m`: its rows must read those
+    cells, not the library-reading cells that share a folder with them."""
+    good = [{**r, "reading": report.STUDY_READINGS.get(r["method"], "")} for r in _raw(GOOD)]
+    decoy = [{**r, "reading": "", "file": "decoy-" + r["file"]} for r in _raw(GOOD, offset=-0.3)
+             if r["method"] in report.STUDY_READINGS]  # fmt: skip
+    frame = report.results_frame(good + decoy)
+    rows = report.with_readings(report.TABLE4_ROWS)
+    assert [r.reading for r in rows] == ["", "", "shrink2m", "ema"]
+    assert [r.label for r in rows] == [r.label for r in report.TABLE4_ROWS]
+    table = report.results_table(frame, rows, with_paper=False)
+    assert table[(table["method"] == "TrustMAE") & (table["noise %"] == 40)].iloc[0]["mean"] == "93.0 ± 1.0"
+    assert [c["verdict"] for c in report.claims(frame, readings=report.STUDY_READINGS)] == ["holds"] * 3
+    # The library-reading cells (the decoys, 30 points lower) fail claim 1 against the same baselines.
+    assert report.claims(frame)[0]["verdict"] == "fails"
+
+
+def test_protocol_bars_draw_one_panel_per_protocol():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from trustmae_lib.study import viz
+
+    rows = [{**r, "protocol": p} for p in ("overlap", "disjoint") for r in _raw(GOOD, offset=0.0 if p == "overlap"
+                                                                                 else -0.1)]  # fmt: skip
+    fig = viz.protocol_bars(report.results_frame(rows), report.TABLE4_ROWS)
+    disjoint, overlap = fig.axes  # sorted by name
+    assert disjoint.get_title() == "disjoint protocol" and overlap.get_title() == "overlap protocol"
+    heights = [round(b.get_height(), 1) for b in overlap.patches]
+    assert heights == [78.0, 75.0, 80.0, 95.0, 72.0, 70.0, 70.0, 93.0]  # clean bars, then 40 % bars, in row order
+    assert round(disjoint.patches[3].get_height(), 1) == 85.0

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -28,7 +29,9 @@ __all__ = [
     "TABLE3_ROWS",
     "TABLE4_ROWS",
     "CONTEXT_ROWS",
+    "STUDY_READINGS",
     "MIN_SEEDS",
+    "with_readings",
     "results_frame",
     "select_rows",
     "results_table",
@@ -75,6 +78,20 @@ TABLE4_ROWS = (
 )
 #: Not in the paper: the PatchCore-style context baseline (:mod:`trustmae_lib.model.patchcore`).
 CONTEXT_ROWS = (Row("PatchCore-style (context)", "patchcore", "patch_knn", None),)
+
+#: The readings (``config.READINGS``) the core noise study trains each method with (``configs/sweep_cpu_core*.yaml``):
+#: TrustMAE and w/o TR with the learned memory of chapter 4, MemAE with the shrinkage threshold 2/M (chapter 12).
+STUDY_READINGS = {"trustmae": "ema", "trustmae_no_tr": "ema", "memae": "shrink2m"}
+
+
+def with_readings(rows: Sequence[Row], readings: dict | None = None) -> tuple[Row, ...]:
+    """``rows`` with each method's reading from ``readings`` (method -> reading; default :data:`STUDY_READINGS`).
+
+    The table functions select a row's cells by method, variant *and* reading, so the same row labels read the core
+    study's files: ``results_table(frame, with_readings(TABLE4_ROWS))``. Methods not in ``readings`` keep theirs.
+    """
+    readings = STUDY_READINGS if readings is None else readings
+    return tuple(dataclasses.replace(r, reading=readings.get(r.method, r.reading)) for r in rows)
 
 
 def results_frame(results: Iterable[dict]) -> pd.DataFrame:
@@ -285,7 +302,7 @@ def _overall(verdicts: Sequence[str]) -> str:
     return "inconclusive" if "inconclusive" in verdicts else "too few seeds"
 
 
-def claims(frame: pd.DataFrame, metric: str = "image_auroc") -> list[dict]:
+def claims(frame: pd.DataFrame, metric: str = "image_auroc", readings: dict | None = None) -> list[dict]:
     """Check the supplement's three claims on ``frame``; each entry has ``claim, paper, ours, verdict``.
 
     Every signed number in ``ours`` is a difference of AUROC points, first term minus second, so ``+`` always means
@@ -297,11 +314,15 @@ def claims(frame: pd.DataFrame, metric: str = "image_auroc") -> list[dict]:
     seeds back it. Verdicts: ``holds`` (the effect is there, beyond the spread), ``fails`` (the opposite effect,
     beyond the spread), ``inconclusive`` (inside the spread), ``too few seeds`` (fewer than :data:`MIN_SEEDS`), or
     ``not tested`` when the rows are missing.
+
+    ``readings`` (method -> reading, e.g. :data:`STUDY_READINGS`) picks the cells of each method; by default the
+    library's reading of every method.
     """
     from trustmae_lib.study.paper import paper_mean
 
-    full, no_tr = TABLE3_ROWS[0], TABLE3_ROWS[1]
-    memae, ae_ssim, ae_l2 = TABLE4_ROWS[2], TABLE4_ROWS[1], TABLE4_ROWS[0]
+    table3, table4 = with_readings(TABLE3_ROWS, readings or {}), with_readings(TABLE4_ROWS, readings or {})
+    full, no_tr = table3[0], table3[1]
+    memae, ae_ssim, ae_l2 = table4[2], table4[1], table4[0]
     out = []
 
     # 1. TrustMAE beats every baseline at every noise level.

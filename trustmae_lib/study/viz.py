@@ -206,6 +206,46 @@ def noise_curves(
     return fig
 
 
+def protocol_bars(frame, rows, metric: str = "image_auroc", size: float = 3.4) -> Figure:
+    """One panel per protocol: per row, a bar per noise ratio (mean over seeds of the mean over categories) with one
+    dot per seed -- how each method fares clean and noisy when the injected defects are (``overlap``) or are never
+    (``disjoint``) the test images."""
+    from trustmae_lib.study.report import select_rows
+
+    sel = select_rows(frame, rows).dropna(subset=[metric])
+    protocols = sorted(sel["protocol"].unique())
+    noises = sorted(sel["noise"].unique())
+    labels = [r.label for r in rows if (sel["row"] == r.label).any()]
+    fig, axes = plt.subplots(len(protocols), 1, figsize=(size * 1.7, size * 0.9 * len(protocols) + 0.6),
+                             squeeze=False, sharey=True, layout="constrained")  # fmt: skip
+    width = 0.8 / max(1, len(noises))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, protocol in zip(axes[:, 0], protocols, strict=True):
+        part = sel[sel["protocol"] == protocol]
+        for j, noise in enumerate(noises):
+            for i, label in enumerate(labels):
+                cell = part[(part["row"] == label) & (part["noise"] == noise)]
+                if cell.empty:
+                    continue
+                per_seed = cell.groupby("seed")[metric].mean() * 100
+                x = i + (j - (len(noises) - 1) / 2) * width
+                ax.bar(x, per_seed.mean(), width * 0.9, color=colours[j % len(colours)], alpha=0.75,
+                       label=f"{round(100 * noise)} % noise" if i == 0 else None)  # fmt: skip
+                ax.plot([x] * len(per_seed), per_seed, "o", ms=3, color="black", alpha=0.6,
+                        label="one seed" if i == 0 and j == 0 else None)  # fmt: skip
+        ax.axhline(50, color="grey", lw=0.6, ls=":")
+        ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=PHONE_FONT - 2)
+        ax.set_ylim(30, 101)
+        ax.set_ylabel(f"{_metric_label(metric)} (%)", fontsize=PHONE_FONT - 1)
+        ax.set_title(f"{protocol} protocol", fontsize=PHONE_FONT)
+        ax.grid(axis="y", alpha=0.3)
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, names, loc="outside lower center", ncols=len(names), fontsize=PHONE_FONT - 2,
+                   frameon=False)  # fmt: skip
+    return fig
+
+
 def drop_bars(drops, size: float = 3.6) -> Figure:
     """Bars of the AUROC drop from the cleanest to the noisiest setting per method (ours, with the seed std), beside
     the paper's drop from 5 % to 40 % where it has one (:func:`trustmae_lib.study.report.drop_table`)."""
