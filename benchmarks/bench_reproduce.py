@@ -47,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--ref", default="HEAD", help="git commit whose code and committed results are used")
     p.add_argument("--jobs", type=int, default=2, help="worker processes (make reproduce uses 2)")
     p.add_argument("--profile", default="cpu", help="profile whose data sets are built before the clock")
+    p.add_argument("--matmul-size", type=int, default=0, help="side of the limit matmul (0 = 2048)")
     p.add_argument("--keep", action="store_true", help="keep the worktree (its runs/ and results/) afterwards")
     p.add_argument("--out", default=str(common.REPO / "results" / "bench" / "reproduce.json"))
     return p.parse_args(argv)
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)  # the limits of one worker's thread (each sweep worker runs one)
     machine = common.machine_info(torch.device("cpu"))
     machine["native_bf16"] = native_bf16()
-    limits = common.limits(torch.device("cpu"))  # measured before the clock, on an idle machine
+    limits = common.limits(torch.device("cpu"), args.matmul_size)  # measured before the clock, on an idle machine
     ref = _git("rev-parse", "--short", args.ref).stdout.strip()
     if not ref:
         raise SystemExit(f"error: unknown git ref {args.ref!r}; pass a commit of this repository with --ref")

@@ -118,6 +118,17 @@ def main(argv=None) -> int:
                 print(f"   {block['threads']} thread(s): {arms}")
             found.setdefault(kind, data)
             continue
+        if kind == "reproduce":
+            for sw in data["sweeps"]:
+                print(f"   {sw['sweep']}: {sw['cells']} cells, {sw['wall_s'] / 60:.1f} min (exit {sw['returncode']})")
+            print(
+                f"   make reproduce: {data['total_min']:.1f} min for {data['cells']} cells (target <= 120 min)"
+                + (" MET" if data["total_min"] <= 120 else " NOT MET")
+                + f"; {data['min_per_144_cells']:.1f} min per 144 cells (target <= 60)"
+                + (" MET" if data["min_per_144_cells"] <= 60 else " NOT MET")
+            )
+            found.setdefault(kind, data)
+            continue
         if kind == "sweep_time":
             for arm, total in data["total_wall_s"].items():
                 n = sum(r["arm"] == arm for r in data["results"])

@@ -287,3 +287,28 @@ def test_sweep_time_names_a_commit_it_cannot_check_out(tmp_path):
     with pytest.raises(SystemExit, match="cannot check out commit 0000000"):
         _load("sweep_time").main(["--arms", "before", "--before-ref", "0000000", "--out", str(tmp_path / "t.json")])
     assert not (tmp_path / "t.json").exists()
+
+
+@pytest.mark.usefixtures("isolated_data", "keep_threads")
+def test_bench_reproduce_times_the_sweeps_in_a_worktree_and_leaves_the_checkout_alone(tmp_path):
+    import subprocess
+
+    tiny = tmp_path / "sweep_tiny.yaml"  # results and runs relative: inside the worktree, never this checkout
+    tiny.write_text("profile: smoke\ndatasets: {synthetic: [widget]}\nmethods: [ae_l2, patchcore]\n"
+                    "noise_ratios: [0.0]\nseeds: [0]\nsteps: 2\nresults: results/tiny\nruns: runs/tiny\n")  # fmt: skip
+    out = tmp_path / "reproduce.json"
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout
+
+    before, trees = git("status", "--porcelain"), git("worktree", "list")
+    args = ["--sweeps", str(tiny), "--profile", "smoke", "--matmul-size", "128", "--out", str(out)]
+    assert _load("bench_reproduce").main(args) == 0
+    data = json.loads(out.read_text())
+    assert data["kind"] == "reproduce" and data["machine"]["cpu"] and data["float32_limit_gflops_per_thread"] > 0
+    assert data["cells"] == 2 and data["sweeps"][0]["returncode"] == 0 and data["total_wall_s"] > 0
+    assert data["min_per_144_cells"] == pytest.approx(data["total_min"] * 72, rel=0.05)
+    # Nothing committed for the tiny sweep: both cells are reported missing, none compared.
+    assert len(data["agreement_with_committed"]["missing"]) == 2
+    assert not (ROOT / "results" / "tiny").exists()
+    assert git("status", "--porcelain") == before and git("worktree", "list") == trees  # the worktree is gone

@@ -281,3 +281,18 @@ def test_protocol_bars_draw_one_panel_per_protocol():
     heights = [round(b.get_height(), 1) for b in overlap.patches]
     assert heights == [78.0, 75.0, 80.0, 95.0, 72.0, 70.0, 70.0, 93.0]  # clean bars, then 40 % bars, in row order
     assert round(disjoint.patches[3].get_height(), 1) == 85.0
+
+
+def test_paper_comparison_reads_the_cells_of_the_given_readings():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from trustmae_lib.study import viz
+
+    frame = report.results_frame([{**r, "reading": report.STUDY_READINGS.get(r["method"], "")} for r in _raw(GOOD)])
+    top, bottom = viz.paper_comparison(frame, readings=report.STUDY_READINGS).axes
+    library = viz.paper_comparison(frame).axes
+    # Without the readings, the TrustMAE and MemAE cells are not found: as if they were not there at all.
+    without = viz.paper_comparison(frame[~frame["method"].isin(["trustmae", "trustmae_no_tr", "memae"])]).axes
+    assert len(library[0].get_lines()) == len(without[0].get_lines()) < len(top.get_lines())
+    assert len(library[1].get_lines()) == len(without[1].get_lines()) < len(bottom.get_lines())

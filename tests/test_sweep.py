@@ -223,3 +223,15 @@ def test_a_fast_sweep_keys_only_trained_cells_and_keeps_its_results_apart(tmp_pa
     path.write_text(path.read_text().replace("fast: true", "fast: 1"))
     with pytest.raises(TrustMAEError, match="'fast' must be true or false"):
         sweep.load_sweep(path)
+
+
+def test_gather_counts_a_shared_cell_once_and_computes_only_when_asked(config, fake_runs, tmp_path):
+    # A second sweep over the same folders whose grid is a part of the first (like the core study and the
+    # learned-memory study): its cells are the first's files, gathered once.
+    part = tmp_path / "sweep_part.yaml"
+    part.write_text(config.results_dir.parent.joinpath("sweep_test.yaml").read_text().replace("[0.0, 0.2]", "[0.0]"))
+    found, counts = sweep.gather([config.results_dir.parent / "sweep_test.yaml", part])
+    assert found == [] and counts == {"sweep_test": (0, 8), "sweep_part": (0, 4)} and fake_runs == []
+    found, counts = sweep.gather([config.results_dir.parent / "sweep_test.yaml", part], compute=True)
+    assert counts == {"sweep_test": (7, 8), "sweep_part": (4, 4)}  # the failing cell is at 20 %
+    assert len(found) == 7 and len({r["file"] for r in found}) == 7

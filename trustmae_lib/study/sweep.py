@@ -332,6 +332,28 @@ def collect(config: SweepConfig) -> tuple[list[dict], list[RunSpec]]:
     return found, missing
 
 
+def gather(names: Sequence[str], compute: bool = False, jobs: int = 1) -> tuple[list[dict], dict]:
+    """The current results of several sweeps, each cell once (sweeps that share cells, like the core study and the
+    learned-memory study, share their files), and per sweep ``(found, cells)`` counts.
+
+    With ``compute`` the missing cells of each sweep are computed first (:func:`run_sweep`, ``jobs`` workers).
+    """
+    found, counts, seen = [], {}, set()
+    for name in names:
+        config = load_sweep(name)
+        done, missing = collect(config)
+        if missing and compute:
+            run_sweep(config, jobs=jobs)
+            done, missing = collect(config)
+        counts[config.name] = (len(done), len(config.grid()))
+        for res in done:
+            key = (str(config.results_dir), res["file"])
+            if key not in seen:
+                seen.add(key)
+                found.append(res)
+    return found, counts
+
+
 def forget(config: SweepConfig) -> int:
     """Delete the result file, failure record and run folder of every cell of ``config`` (``--fresh``).
 

@@ -301,18 +301,23 @@ def reading_gaps(table, size: float = 3.6) -> Figure:
     return fig
 
 
-def paper_comparison(frame, metric: str = "image_auroc", size: float = 3.6) -> Figure:
+def paper_comparison(frame, metric: str = "image_auroc", size: float = 3.6, readings: dict | None = None) -> Figure:
     """Chapter 13's comparison with the paper in one figure, panels stacked (readable at a phone's width).
 
     Top (claims 1 and 2): for each method of Table 4, the AUROC with the cleanest and with the noisiest training
     set -- ours per category (mean over seeds, error bar: std over seeds), the paper's MVTec AD mean at 5 % and 40 %
     in grey -- joined by a line, so the ranking and the loss under noise read off together. Bottom (claim 3):
     TrustMAE minus TrustMAE w/o TR at each noise level, ours per category (paired by seed, error bar: std over
-    seeds) beside the paper's gap; above zero the trust region helps.
+    seeds) beside the paper's gap; above zero the trust region helps. ``readings`` (method -> reading, e.g.
+    :data:`trustmae_lib.study.report.STUDY_READINGS`) picks each method's cells; by default the library's.
     """
     from trustmae_lib.config import PAPER_NOISE_RATIOS
+    from trustmae_lib.study import report
     from trustmae_lib.study.paper import paper_mean
-    from trustmae_lib.study.report import TABLE3_ROWS, TABLE4_ROWS, paired_gap, select_rows
+    from trustmae_lib.study.report import paired_gap, select_rows
+
+    TABLE3_ROWS = report.with_readings(report.TABLE3_ROWS, readings or {})  # noqa: N806 (the module's names)
+    TABLE4_ROWS = report.with_readings(report.TABLE4_ROWS, readings or {})  # noqa: N806
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(size * 1.3, size * 2.1 + 0.6), layout="constrained")
     groups = [(f"{d}/{c}", part) for (d, c), part in frame.groupby(["dataset", "category"])]
