@@ -276,7 +276,7 @@ def test_protocol_bars_draw_one_panel_per_protocol():
     rows = [{**r, "protocol": p} for p in ("overlap", "disjoint") for r in _raw(GOOD, offset=0.0 if p == "overlap"
                                                                                  else -0.1)]  # fmt: skip
     fig = viz.protocol_bars(report.results_frame(rows), report.TABLE4_ROWS)
-    disjoint, overlap = fig.axes  # sorted by name
+    overlap, disjoint = fig.axes  # the paper's protocol first
     assert disjoint.get_title() == "disjoint protocol" and overlap.get_title() == "overlap protocol"
     heights = [round(b.get_height(), 1) for b in overlap.patches]
     assert heights == [78.0, 75.0, 80.0, 95.0, 72.0, 70.0, 70.0, 93.0]  # clean bars, then 40 % bars, in row order
