@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-from trustmae_lib.utils import native_bf16  # noqa: E402
+from trustmae_lib.utils import native_bf16, same_platform  # noqa: E402
 
 SWEEPS = ("sweep_cpu_core", "sweep_cpu_core_disjoint")
 #: The unit of chapter 14's target for the noise study: at most 60 minutes per 144 cells on 2 cores.
@@ -61,34 +61,32 @@ def _env(tree: Path) -> dict:
     return dict(os.environ, PYTHONPATH=str(tree), PYTHONHASHSEED="0")
 
 
-def _same_platform(a: dict | None, b: dict | None) -> bool:
-    keys = ("cpu", "cpu_capability", "machine", "torch")
-    return bool(a and b) and all(a.get(k) == b.get(k) for k in keys)
+def cells_of(tree: Path, name: str) -> list[str]:
+    """The result paths (relative to ``tree``) of every cell of sweep ``name``, as the worktree's code names them."""
+    return subprocess.run([sys.executable, "-c", _LIST, name], cwd=tree, env=_env(tree), capture_output=True,
+                          text=True, check=True).stdout.split()  # fmt: skip
 
 
-def compare(tree: Path, names: list[str]) -> dict:
+def compare(tree: Path, paths: list[str]) -> dict:
     """Recomputed result files in ``tree`` against the committed ones of the same cells (read from the worktree's
     git index, i.e. ``--ref``)."""
     identical, differ, other_platform, max_diff, missing = 0, [], 0, 0.0, []
-    for name in names:
-        listing = subprocess.run([sys.executable, "-c", _LIST, name], cwd=tree, env=_env(tree), capture_output=True,
-                                 text=True, check=True).stdout.split()  # fmt: skip
-        for rel in listing:
-            path = tree / rel
-            committed = subprocess.run(["git", "-C", str(tree), "show", f"HEAD:{rel}"], capture_output=True, text=True)
-            if not path.is_file() or committed.returncode != 0:
-                missing.append(rel)
-                continue
-            fresh, old = json.loads(path.read_text()), json.loads(committed.stdout)
-            diff = max(abs((fresh["metrics"][v].get("image_auroc") or 0.0) - (m.get("image_auroc") or 0.0))
-                       for v, m in old["metrics"].items())  # fmt: skip
-            max_diff = max(max_diff, diff)
-            if not _same_platform(fresh.get("platform"), old.get("platform")):
-                other_platform += 1
-            elif fresh["metrics"] == old["metrics"]:
-                identical += 1
-            else:
-                differ.append(rel)
+    for rel in paths:
+        path = tree / rel
+        committed = subprocess.run(["git", "-C", str(tree), "show", f"HEAD:{rel}"], capture_output=True, text=True)
+        if not path.is_file() or committed.returncode != 0:
+            missing.append(rel)
+            continue
+        fresh, old = json.loads(path.read_text()), json.loads(committed.stdout)
+        diff = max(abs((fresh["metrics"][v].get("image_auroc") or 0.0) - (m.get("image_auroc") or 0.0))
+                   for v, m in old["metrics"].items())  # fmt: skip
+        max_diff = max(max_diff, diff)
+        if not same_platform(fresh.get("platform"), old.get("platform")):
+            other_platform += 1
+        elif fresh["metrics"] == old["metrics"]:
+            identical += 1
+        else:
+            differ.append(rel)
     return {"identical_on_same_platform": identical, "differ_on_same_platform": differ,
             "committed_on_other_platform": other_platform, "max_image_auroc_diff": round(max_diff, 6),
             "missing": missing}  # fmt: skip
@@ -126,16 +124,17 @@ def main(argv=None) -> int:
             out = f"data/{args.profile}/{dataset}"
             subprocess.run([sys.executable, "-m", "trustmae_lib", "data", dataset, "--profile", args.profile,
                             "--out", out], cwd=tree, env=_env(tree), check=True, capture_output=True)  # fmt: skip
-        sweeps, failed = [], 0
+        sweeps, failed, recomputed = [], 0, []
         start = time.perf_counter()
         for name in args.sweeps:
             t0 = time.perf_counter()
             command = [sys.executable, "-m", "trustmae_lib", "sweep", name, "--fresh", "--jobs", str(args.jobs)]
             run = subprocess.run(command, cwd=tree, env=_env(tree), capture_output=True, text=True)
             wall = time.perf_counter() - t0
-            n = len(subprocess.run([sys.executable, "-c", _LIST, name], cwd=tree, env=_env(tree), capture_output=True,
-                                   text=True, check=True).stdout.split())  # fmt: skip
+            paths = cells_of(tree, name)
+            n = len(paths)
             failed += run.returncode != 0
+            recomputed += paths
             sweeps.append({"sweep": name, "cells": n, "wall_s": round(wall, 1), "returncode": run.returncode,
                            **({"stderr_tail": run.stderr[-2000:]} if run.returncode else {})})  # fmt: skip
             common.log(f"  {name}: {n} cells, {wall / 60:.1f} min (exit {run.returncode})")
@@ -156,7 +155,7 @@ def main(argv=None) -> int:
             "total_min": round(total / 60, 1),
             "min_per_144_cells": round(total / 60 * CELLS_UNIT / max(1, cells), 1),
             "load_average_after": common.load_average(),
-            "agreement_with_committed": compare(tree, args.sweeps),
+            "agreement_with_committed": compare(tree, recomputed),
         }
     finally:
         if not args.keep:
