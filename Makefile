@@ -110,9 +110,11 @@ memory-grid: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_grid --fresh --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_texture --fresh --jobs 2
 
-# MemAE's shrinkage threshold (chapter 13), on validation copies; then MemAE with it and its memory-less twin.
+# MemAE's shrinkage threshold and learning rate (chapter 13), on validation copies; then MemAE with the threshold and
+# its memory-less twin at the first study's 600 steps (`make reproduce` has both at the core study's 300).
 memae-validation: validation-data
 	$(PY) -m trustmae_lib sweep sweep_cpu_memae_validation --fresh --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_memae_lr_validation --fresh --jobs 2
 
 memae: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu_memae --fresh --jobs 2
@@ -137,6 +139,7 @@ sweep: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_ablation --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_readout --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_memae_validation --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_memae_lr_validation --jobs 2
 
 # Performance benchmarks (benchmarks/README.md) -> results/bench/*.json, read by the performance chapter.
 bench: $(STAMP)

@@ -38,6 +38,7 @@ COMMITTED = (
     "sweep_cpu_memory_ablation",
     "sweep_cpu_memory_readout",
     "sweep_cpu_memae_validation",
+    "sweep_cpu_memae_lr_validation",
     "sweep_cpu_memae",
 )
 #: The cell recomputed from scratch: TrustMAE with the trust region at 10 % noise (re-drawn defects included).

@@ -251,14 +251,14 @@ def test_memory_study_table_pairs_by_seed_with_intervals():
 
 
 def test_study_readings_pick_the_core_studys_cells():
-    """The core study trains TrustMAE and w/o TR under `ema` and MemAE under `shrink2m`: its rows must read those
+    """The core study trains TrustMAE and w/o TR under `ema` and MemAE under `shrink2m_lr2e3`: its rows must read those
     cells, not the library-reading cells that share a folder with them."""
     good = [{**r, "reading": report.STUDY_READINGS.get(r["method"], "")} for r in _raw(GOOD)]
     decoy = [{**r, "reading": "", "file": "decoy-" + r["file"]} for r in _raw(GOOD, offset=-0.3)
              if r["method"] in report.STUDY_READINGS]  # fmt: skip
     frame = report.results_frame(good + decoy)
     rows = report.with_readings(report.TABLE4_ROWS)
-    assert [r.reading for r in rows] == ["", "", "shrink2m", "ema"]
+    assert [r.reading for r in rows] == ["", "", "shrink2m_lr2e3", "ema"]
     assert [r.label for r in rows] == [r.label for r in report.TABLE4_ROWS]
     table = report.results_table(frame, rows, with_paper=False)
     assert table[(table["method"] == "TrustMAE") & (table["noise %"] == 40)].iloc[0]["mean"] == "93.0 ± 1.0"

@@ -288,6 +288,25 @@ def test_a_reading_changes_the_built_network_and_the_run_key():
     assert build_models(RunSpec(method="memae", reading="nomem"), profile)["model"].memory is None
 
 
+@pytest.mark.parametrize("reading, lr", [("shrink2m", 1e-4), ("shrink2m_lr2e3", 2e-3), ("nomem_lr2e3", 2e-3)])
+def test_a_readings_learning_rate_is_the_one_memae_trains_with(reading, lr):
+    # Adam's first step moves every weight whose gradient is well above eps by almost exactly lr: the largest move
+    # of the step is the learning rate the reading asked for (the supplement's 1e-4 without one).
+    from trustmae_lib.engine.methods import BaselineMethod
+
+    profile = load_profile("smoke")
+    spec = RunSpec(method="memae", category="widget", reading=reading)
+    seed_everything(0)
+    models = build_models(spec, profile)
+    method = BaselineMethod(spec, profile, models, dict(models), torch.device("cpu"), None, None)
+    before = {k: v.clone() for k, v in models["model"].state_dict().items() if v.is_floating_point()}
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    method.step(x, 1)
+    moved = max((v - before[k]).abs().max().item() for k, v in models["model"].state_dict().items() if k in before
+                and "running" not in k)  # fmt: skip
+    assert moved == pytest.approx(lr, rel=0.05)
+
+
 def test_the_trust_weight_reading_scales_only_l_trust_in_the_logged_total(tmp_path):
     # Same seed, data and initialisation: step 1's terms are identical, only lambda_trust differs (1 vs 0.1).
     rows = {}

@@ -319,7 +319,8 @@ class BaselineMethod(Method):
 
         self.baseline = get_baseline(self.spec.method)
         self.backbone_info = {"name": None, "weights_source": "not used (scored by its residual map)"}
-        self.optimizers = {"model": self.baseline.optimizer(self.models["model"])}
+        lr = self.spec.reading_overrides("train").get("lr")  # a reading's learning rate (MemAE's), else §B's
+        self.optimizers = {"model": self.baseline.optimizer(self.models["model"], lr=lr)}
 
     def step(self, x: Tensor, step: int) -> dict[str, float]:
         with self.autocast():
