@@ -148,7 +148,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_memory.py --out results/bench/memory.json
 	$(PY) benchmarks/profile_step.py --out results/bench/profile.json
 	$(PY) benchmarks/bench_changes.py --out results/bench/changes.json
-	$(PY) benchmarks/bench_speedup.py --out results/bench/speedup.json  # ~1.5 min: default vs RunSpec.fast
+	$(PY) benchmarks/bench_speedup.py --out results/bench/speedup.json  # ~8 min: default vs RunSpec.fast (+bf16, +compile)
 	-$(PY) benchmarks/sweep_data.py --out results/bench/sweep_data.json  # needs the sweep's run folders
 	$(PY) benchmarks/sweep_time.py --out results/bench/sweep_time.json  # ~13 min: noise-study cells, 3 code versions
 	$(PY) benchmarks/report.py results/bench

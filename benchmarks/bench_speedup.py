@@ -8,7 +8,10 @@ generator, both Adam updates) built as :mod:`bench_train` builds it:
 * ``after`` -- the speed path, :attr:`trustmae_lib.config.RunSpec.fast` (channels-last, the frozen backbone's
   BatchNorm folded into its convolutions);
 * ``after+bf16`` -- the speed path under bfloat16 autocast, only on a CPU with native bf16 (reported, not a
-  default: it changes the numbers by more than float rounding).
+  default: it changes the numbers by more than float rounding);
+* ``after+compile`` -- the speed path with the generator, the discriminator and the perceptual backbone compiled in
+  place by ``torch.compile`` (Inductor's C++ kernels; reported, not a default). Its first step, which compiles, is
+  timed on its own (``compile_s``), before the warm-up; ``--no-compile`` leaves the arm out.
 
 The arms are timed **interleaved** (one step of each in turn, ``--repeats`` rounds, default 30) so that a machine
 whose speed drifts -- a shared host -- slows every arm alike; the median of each arm is reported. This is done at
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -43,7 +47,7 @@ from bench_train import StepBench  # noqa: E402
 from trustmae_lib.config import load_profile  # noqa: E402
 from trustmae_lib.utils import native_bf16  # noqa: E402
 
-ARMS = ("before", "after", "after+bf16")
+ARMS = ("before", "after", "after+bf16", "after+compile")
 
 
 def build(arm: str, profile, device) -> StepBench:
@@ -64,11 +68,23 @@ def time_arms(arms: dict[str, StepBench], warmup: int, repeats: int) -> dict[str
     return times
 
 
+def compile_in_place(bench: StepBench) -> float:
+    """``torch.compile`` the networks and the backbone in place (the step calls the discriminator unwrapped too), then
+    run the first step, which compiles; return its seconds."""
+    for m in bench.models.values():
+        m.compile()
+    bench.method.backbone.compile()
+    t0 = time.perf_counter()
+    bench.step(1)
+    return time.perf_counter() - t0
+
+
 def measure_threads(threads: int, names, profile, device, args) -> dict:
     """Every arm at ``threads`` CPU threads: step times, FLOPs, the limits and the ratios."""
     torch.set_num_threads(threads)
     arms = {name: build(name, profile, device) for name in names}
     flops = {name: common.count_flops(lambda b=b: b.method.step(b.data(0), 1)) for name, b in arms.items()}
+    compile_s = {name: compile_in_place(b) for name, b in arms.items() if name.endswith("compile")}  # eager FLOPs
     idle = common.wait_idle(args.wait_idle)
     lim = common.limits(device, args.matmul_size)
     with common.CpuMeter() as meter:
@@ -85,6 +101,8 @@ def measure_threads(threads: int, names, profile, device, args) -> dict:
             "ratio_to_matmul": round(flops[name] / med / 1e9 / lim["float32"]["gflops"], 4),
             "ratio_to_own_dtype_limit": round(flops[name] / med / 1e9 / limit, 4),
         }
+        if name in compile_s:
+            rows[name]["compile_s"] = round(compile_s[name], 1)
     before = rows["before"]["step_ms"]
     for row in rows.values():
         row["speedup"] = round(before / row["step_ms"], 3)
@@ -111,6 +129,7 @@ def parse_args(argv=None):
     p.add_argument("--profile", default="cpu", help="the profile whose step is measured (default cpu)")
     p.add_argument("--thread-counts", type=int, nargs="+", default=[2, 1], help="CPU threads of each measurement")
     p.add_argument("--no-parts", action="store_true", help="skip the profiled per-part step")
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile arm (compiles for minutes)")
     return p.parse_args(argv)
 
 
@@ -120,7 +139,7 @@ def main(argv=None) -> int:
     if device.type != "cpu":
         raise SystemExit("bench_speedup.py measures the CPU step; run it with --device cpu")
     profile = load_profile(args.profile)
-    names = [a for a in ARMS if a != "after+bf16" or native_bf16()]
+    names = [a for a in ARMS if (a != "after+bf16" or native_bf16()) and (a != "after+compile" or not args.no_compile)]
     machine = common.machine_info(device)
     machine["native_bf16"] = native_bf16()
     common.log(f"bench_speedup: {machine['cpu']} ({machine['cpu_capability']}, native bf16 {machine['native_bf16']})")
@@ -141,6 +160,8 @@ def main(argv=None) -> int:
             "before": "library default: NCHW, backbone as shipped (RunSpec.fast = False)",
             "after": "speed path (RunSpec.fast = True): channels-last, backbone BatchNorm folded into its convolutions",
             "after+bf16": "speed path under bfloat16 autocast (native-bf16 CPUs only; not a default)",
+            "after+compile": "speed path with the networks and the backbone under torch.compile (Inductor; not a "
+            "default); compile_s: its first, compiling step",
         },
         "threads": first["threads"],
         "before_ms": first["arms"]["before"]["step_ms"],

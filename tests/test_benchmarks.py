@@ -173,7 +173,7 @@ def test_profile_step_schema(tmp_path, keep_threads):
 
 def test_bench_speedup_schema_interleaves_the_arms_and_profiles_both(tmp_path, keep_threads):
     out = tmp_path / "speedup.json"
-    args = ["--profile", "smoke", "--thread-counts", "1", "--out", str(out), "--matmul-size", "128"]
+    args = ["--profile", "smoke", "--thread-counts", "1", "--out", str(out), "--matmul-size", "128", "--no-compile"]
     assert _load("bench_speedup").main(args + ["--repeats", "2", "--warmup", "0", "--wait-idle", "0"]) == 0
     data = json.loads(out.read_text())
     assert data["kind"] == "speedup" and data["profile"] == "smoke" and data["threads"] == 1
