@@ -100,6 +100,7 @@ memory-validation: validation-data
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_validation --fresh --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_ablation --fresh --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_readout --fresh --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_memory_lr_validation --fresh --jobs 2
 
 memory: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory --fresh --jobs 2
@@ -138,6 +139,7 @@ sweep: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_validation --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_ablation --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_readout --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_memory_lr_validation --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_memae_validation --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_memae_lr_validation --jobs 2
 

@@ -307,6 +307,24 @@ def test_a_readings_learning_rate_is_the_one_memae_trains_with(reading, lr):
     assert moved == pytest.approx(lr, rel=0.05)
 
 
+def test_a_readings_learning_rates_are_the_ones_trustmae_trains_with():
+    # Adam's first step moves a weight by about lr: the generator's and the discriminator's largest moves follow the
+    # reading's rates (1e-3), not the profile's (2e-4). The learned memory's slots are moving averages, not Adam's.
+    from trustmae_lib.engine.methods import TrustMAEMethod
+
+    profile = load_profile("smoke")
+    spec = RunSpec(method="trustmae", category="widget", reading="ema_lr1e3")
+    seed_everything(0)
+    models = build_models(spec, profile)
+    method = TrustMAEMethod(spec, profile, models, dict(models), torch.device("cpu"), None, None)
+    before = {name: {k: v.clone() for k, v in m.named_parameters()} for name, m in models.items()}
+    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    method.step(x, 1)
+    for name, m in models.items():
+        moved = max((v - before[name][k]).abs().max().item() for k, v in m.named_parameters() if k != "memory.memory")
+        assert moved == pytest.approx(1e-3, rel=0.05) and moved > 2 * profile.lr, name
+
+
 def test_the_trust_weight_reading_scales_only_l_trust_in_the_logged_total(tmp_path):
     # Same seed, data and initialisation: step 1's terms are identical, only lambda_trust differs (1 vs 0.1).
     rows = {}

@@ -237,11 +237,11 @@ class TrustMAEMethod(Method):
         self.backbone = build_backbone(self.profile.backbone, fold_bn=self.spec.fast).to(self.device)
         self.backbone_info = {"name": self.backbone.name, "weights_source": self.backbone.weights_source}
         self.weights = LossWeights(**self.spec.reading_overrides("loss"))
+        train = self.spec.reading_overrides("train")  # a reading's learning rates, else the profile's
+        lr, lr_disc = train.get("lr", self.profile.lr), train.get("lr_disc", self.profile.lr_disc)
         self.optimizers = {
-            "model": torch.optim.Adam(self.models["model"].parameters(), lr=self.profile.lr, betas=GAN_BETAS),
-            "discriminator": torch.optim.Adam(
-                self.models["discriminator"].parameters(), lr=self.profile.lr_disc, betas=GAN_BETAS
-            ),
+            "model": torch.optim.Adam(self.models["model"].parameters(), lr=lr, betas=GAN_BETAS),
+            "discriminator": torch.optim.Adam(self.models["discriminator"].parameters(), lr=lr_disc, betas=GAN_BETAS),
         }
 
     def step(self, x: Tensor, step: int) -> dict[str, float]:
