@@ -22,6 +22,13 @@
    with the step the draw still costs the same CPU time, and the step gets slower, so the library keeps drawing
    in the loop.
 
+4. ``evaluate``'s scoring of a TrustMAE run: it used to score each of the three variants (``perceptual``,
+   ``pixel``, ``global``) on its own, reconstructing every image three times and passing input and reconstruction
+   through the backbone twice; :func:`trustmae_lib.engine.evaluate.score_variants` now reconstructs each batch once
+   and passes it through the backbone once for all of them. Timed on the test images of a one-step run of the
+   ``--scoring-profile`` (the *before* is three :func:`~trustmae_lib.engine.evaluate.score` calls); both must give
+   identical maps, image scores and reconstructions.
+
 The memory-layout change (channels-last) is a proposal for the training loop, measured by ``bench_train.py``.
 
 Usage::
@@ -216,6 +223,48 @@ def measure_prefetch(method: str, category: str, steps: int, helper_threads: int
     }
 
 
+def measure_shared_scoring(profile: str, repeats: int) -> dict:
+    """Median seconds of the three TrustMAE scoring variants one at a time (before) and in one pass (after), on the
+    test images of a one-step run, and whether every output is identical."""
+    import tempfile
+
+    from trustmae_lib.config import RunSpec
+    from trustmae_lib.engine import evaluate, runs, train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = RunSpec(category="widget", method="trustmae", profile=profile, seed=0, steps=1, fast=True)
+        trained = runs.load_trained(train.train(spec, tmp, progress=False))
+        images, _ = evaluate._test_tensors(trained, trained.score_size)
+        variants = evaluate.VARIANTS
+        times = {"before": [], "after": []}
+        identical = True
+        for r in range(repeats + 1):  # one warm-up round
+            t0 = time.perf_counter()
+            before = {v: evaluate.score(trained, images, v) for v in variants}
+            t1 = time.perf_counter()
+            after = evaluate.score_variants(trained, images, variants)
+            t2 = time.perf_counter()
+            if r >= 1:
+                times["before"].append(t1 - t0)
+                times["after"].append(t2 - t1)
+            identical &= all(torch.equal(a, b) for v in variants for a, b in zip(before[v], after[v], strict=True))
+    before_s, after_s = statistics.median(times["before"]), statistics.median(times["after"])
+    return {
+        "change": "evaluate: one reconstruction and one backbone pass per batch for every scoring variant",
+        "where": "trustmae_lib/engine/evaluate.py (score_variants)",
+        "applied": True,
+        "profile": profile,
+        "variants": list(variants),
+        "shape": list(images.shape),
+        "before_ms": round(before_s * 1e3, 1),
+        "after_ms": round(after_s * 1e3, 1),
+        "speedup": round(before_s / after_s, 3),
+        "identical_output": bool(identical),
+        "runs_before_s": [round(t, 4) for t in times["before"]],
+        "runs_after_s": [round(t, 4) for t in times["after"]],
+    }
+
+
 def parse_args(argv=None):
     p = common.base_parser(__doc__.splitlines()[0], "results/bench/changes.json")
     p.set_defaults(repeats=15)
@@ -223,6 +272,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--texture", type=int, nargs=2, default=[512, 128], metavar=("SIZE", "CROP"))
     p.add_argument("--prefetch-steps", type=int, default=40, help="training steps per prefetch run (0: skip)")
+    p.add_argument("--scoring-profile", default="cpu", help="profile of the run whose scoring is timed ('': skip)")
+    p.add_argument("--scoring-repeats", type=int, default=5, help="rounds of the scoring measurement")
     return p.parse_args(argv)
 
 
@@ -261,6 +312,13 @@ def main(argv=None) -> int:
                 f"{row['step_wall_before_ms']:.1f} -> {row['step_wall_after_ms']:.1f} ms, identical "
                 f"{row['identical_output']}"
             )
+    if args.scoring_profile:
+        row = measure_shared_scoring(args.scoring_profile, args.scoring_repeats)
+        rows.append(row)
+        common.log(
+            f"  scoring {row['variants']} on {row['shape']}: {row['before_ms']:.0f} -> {row['after_ms']:.0f} ms "
+            f"({row['speedup']:.2f}x), identical {row['identical_output']}"
+        )
     path = common.write_result(args.out, "changes", machine, {"args": vars(args), "results": rows})
     common.log(f"  wrote {path}")
     return 0 if all(r["identical_output"] for r in rows if r["applied"] and r.get("must_be_identical", True)) else 1

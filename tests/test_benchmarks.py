@@ -196,10 +196,14 @@ def test_bench_speedup_schema_interleaves_the_arms_and_profiles_both(tmp_path, k
 def test_bench_changes_compares_identical_outputs(tmp_path, keep_threads):
     out = tmp_path / "changes.json"
     args = ["--sizes", "16", "24", "--batch", "8", "--texture", "32", "8", "--out", str(out), "--wait-idle", "0"]
+    args += ["--scoring-profile", "smoke", "--scoring-repeats", "1"]
     assert _load("bench_changes").main(args + ["--threads", "1", "--repeats", "2", "--prefetch-steps", "4"]) == 0
     data = json.loads(out.read_text())
     assert data["kind"] == "changes" and data["machine"]["torch_threads"] == 1
-    rows, prefetch = data["results"][:3], data["results"][3:]
+    rows, prefetch, (scoring,) = data["results"][:3], data["results"][3:-1], data["results"][-1:]
+    # Scoring every variant in one pass gives exactly what scoring them one at a time gives.
+    assert scoring["variants"] == ["perceptual", "pixel", "global"] and scoring["identical_output"] is True
+    assert scoring["applied"] and scoring["before_ms"] > 0 and scoring["after_ms"] > 0
     # The (rejected) prefetcher trains exactly the same weights as drawing in the loop, with either helper.
     assert [(r["method"], r["helper_threads"], r["identical_output"], r["applied"]) for r in prefetch] == [
         (m, h, True, False) for m in ("ae_l2", "ae_ssim", "memae") for h in (1, 1)

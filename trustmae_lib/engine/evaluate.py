@@ -88,6 +88,7 @@ __all__ = [
     "threshold_metrics",
     "default_variants",
     "score",
+    "score_variants",
     "evaluate",
     "RESULT",
     "PROVENANCE_KEYS",
@@ -215,9 +216,18 @@ def score(
         TrustMAEError: a variant that does not apply, images of the wrong shape, or memory running out (the message
             names ``--batch-size`` / ``batch_size``).
     """
+    variant = variant or default_variants(trained.method)[0]
+    return score_variants(trained, images, (variant,), batch_size, channels_last)[variant]
+
+
+def score_variants(
+    trained, images: Tensor, variants: Sequence[str], batch_size: int = 16, channels_last: bool = True
+) -> dict[str, Scores]:
+    """:func:`score` for several variants at once: one reconstruction (and, for the perceptual variants, one pass of
+    the backbone over input and reconstruction) per batch serves them all, so each variant's numbers are exactly
+    those :func:`score` gives it alone."""
     method = trained.method
-    variant = variant or default_variants(method)[0]
-    _check_variants(method, [variant])
+    variants = _check_variants(method, tuple(variants))
     if images.ndim != 4 or images.shape[1] != 3:
         raise TrustMAEError(f"score expects images of shape (N, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
     size = trained.score_size
@@ -228,7 +238,7 @@ def score(
     if channels_last:
         model.to(memory_format=layout)  # only 4-D weights change layout; values are untouched
     try:
-        return _score(trained, images, variant, batch_size, channels_last, size, sigma, model, layout)
+        return _score(trained, images, variants, batch_size, channels_last, size, sigma, model, layout)
     except (RuntimeError, MemoryError) as err:
         if not is_out_of_memory(err):
             raise
@@ -245,10 +255,31 @@ def _scoring_out_of_memory(trained, n: int, size: int, batch_size: int) -> Trust
                          f"{trained.profile.image_size}) in its profile; nothing was written")  # fmt: skip
 
 
-def _score(trained, images, variant, batch_size, channels_last, size, sigma, model, layout) -> Scores:
+def _trustmae_maps(trained, x: Tensor, recon: Tensor, variant: str, size: int, sigma: float, feats: dict,
+                   channels_last: bool, layout) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """One TrustMAE variant's anomaly map and image score of a batch; ``feats`` caches the backbone's features of the
+    input and the reconstruction for the batch's other variants."""
+    if variant == "pixel":
+        m = smooth(pixel_distance_map(x, recon), sigma)
+        return m, m.amax((1, 2, 3))
+    backbone = _backbone_for(trained)
+    if not feats:
+        if channels_last:
+            backbone.to(memory_format=layout)
+        feats["x"], feats["r"] = backbone(x), backbone(recon)
+    fx, fr = feats["x"], feats["r"]
+    if variant == "perceptual":
+        m = smooth(perceptual_distance_map(fx, fr, (size, size), backbone.layer_weights), sigma)
+        return m, m.amax((1, 2, 3))
+    s = global_perceptual_distance(fx, fr, backbone.layer_weights)  # global
+    return s.view(-1, 1, 1, 1).expand(-1, 1, size, size), s
+
+
+def _score(trained, images, variants, batch_size, channels_last, size, sigma, model, layout) -> dict[str, Scores]:
     method = trained.method
     dev = trained.device
-    maps, preds, recons = [], [], []
+    out = {v: ([], []) for v in variants}  # variant -> (maps, image scores)
+    recons = []
     with torch.inference_mode():
         for chunk in images.split(batch_size):
             x = _resize(chunk, size).to(dev, torch.float32)
@@ -256,20 +287,9 @@ def _score(trained, images, variant, batch_size, channels_last, size, sigma, mod
                 x = x.contiguous(memory_format=layout)
             if is_trustmae(method):
                 recon = model(x).recon.float()
-                if variant == "pixel":
-                    m = smooth(pixel_distance_map(x, recon), sigma)
-                    s = m.amax((1, 2, 3))
-                else:
-                    backbone = _backbone_for(trained)
-                    if channels_last:
-                        backbone.to(memory_format=layout)
-                    fx, fr = backbone(x), backbone(recon)
-                    if variant == "perceptual":
-                        m = smooth(perceptual_distance_map(fx, fr, (size, size), backbone.layer_weights), sigma)
-                        s = m.amax((1, 2, 3))
-                    else:  # global
-                        s = global_perceptual_distance(fx, fr, backbone.layer_weights)
-                        m = s.view(-1, 1, 1, 1).expand(-1, 1, size, size)
+                feats: dict = {}
+                batch = {v: _trustmae_maps(trained, x, recon, v, size, sigma, feats, channels_last, layout)
+                         for v in variants}  # fmt: skip
             else:
                 from trustmae_lib.model.baselines import get_baseline, sliding_window_map
 
@@ -292,14 +312,16 @@ def _score(trained, images, variant, batch_size, channels_last, size, sigma, mod
                     recon = model_fn(x)
                     raw = base.residual_map(x, recon)
                 m = smooth(raw.float(), sigma)
-                s = m.amax((1, 2, 3))
-            maps.append(m.float().cpu().contiguous())  # results in the default layout, whatever ran
-            preds.append(s.float().cpu())
+                batch = {v: (m, m.amax((1, 2, 3))) for v in variants}  # "residual", the only one
+            for v, (m, s) in batch.items():
+                out[v][0].append(m.float().cpu().contiguous())  # results in the default layout, whatever ran
+                out[v][1].append(s.float().cpu())
             recons.append(recon.float().cpu().contiguous())
-    if not maps:
-        empty = torch.zeros(0, 1, size, size)
-        return Scores(empty, torch.zeros(0), torch.zeros(0, 3, size, size))
-    return Scores(torch.cat(maps), torch.cat(preds), torch.cat(recons))
+    if not recons:
+        empty = Scores(torch.zeros(0, 1, size, size), torch.zeros(0), torch.zeros(0, 3, size, size))
+        return {v: empty for v in variants}
+    recon_all = torch.cat(recons)
+    return {v: Scores(torch.cat(maps), torch.cat(preds), recon_all) for v, (maps, preds) in out.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -518,15 +540,16 @@ def _score_run(trained, variants, batch_size: int, t0: float,
     train_images, train_masks = _train_set(trained, size)
     has_masks = bool(trained.index.has_masks)
 
-    metrics, per_image, recons = {}, {}, None
+    metrics, per_image = {}, {}
+    test_all = score_variants(trained, images, variants, batch_size)  # one forward pass serves every variant
+    train_all = score_variants(trained, train_images, variants, batch_size)
     for variant in variants:
-        test_scores = score(trained, images, variant, batch_size)
-        train_scores = score(trained, train_images, variant, batch_size).pred_scores
+        test_scores, train_scores = test_all[variant], train_all[variant].pred_scores
         maps = test_scores.anomaly_maps if has_masks and variant != "global" else None
         metrics[variant] = variant_metrics(labels, test_scores.pred_scores, train_scores, assumed,
                                            masks if maps is not None else None, maps)  # fmt: skip
         per_image[variant] = test_scores.pred_scores.numpy()
-        recons = test_scores.recons if recons is None else recons  # the same networks for every variant
+    recons = test_all[variants[0]].recons  # the same networks for every variant
     good = torch.from_numpy(labels == 0)
     diagnostics = run_diagnostics(trained.models["model"], trained.meta.get("memory_init"), train_images,
                                   train_masks, images[good], recons[good])  # fmt: skip
