@@ -12,7 +12,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 EXECUTED := $(patsubst notebooks/%,book/%,$(NOTEBOOKS))
 export PYTHONHASHSEED := 0
 
-.PHONY: all install book data validation-data notebooks html test lint format dist reproduce reproduce-first reproduce-textures readings mechanism memory memory-grid memory-validation memae-validation memae sweep bench bench-reproduce clean
+.PHONY: all install book data validation-data notebooks html test lint format dist reproduce reproduce-first reproduce-textures readings mechanism memory memory-grid memory-validation memae-validation memae seeds sweep bench bench-reproduce clean
 
 all: book
 
@@ -120,6 +120,12 @@ memae-validation: validation-data
 memae: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu_memae --fresh --jobs 2
 
+# Seeds 3-4 of the core study's baselines (AE-L2, AE-SSIM, MemAE and its twin, the PatchCore-style bank), both
+# protocols: with `make memory`'s seeds of TrustMAE and w/o TR, every method of chapters 11-13 has five seeds.
+seeds: $(STAMP)
+	$(PY) -m trustmae_lib sweep sweep_cpu_seeds --fresh --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_seeds_disjoint --fresh --jobs 2
+
 sweep: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu_core --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_core_disjoint --jobs 2
@@ -135,6 +141,8 @@ sweep: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_grid --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_texture --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_memae --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_seeds --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_seeds_disjoint --jobs 2
 	$(MAKE) validation-data
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_validation --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_ablation --jobs 2

@@ -41,6 +41,8 @@ COMMITTED = (
     "sweep_cpu_memae_validation",
     "sweep_cpu_memae_lr_validation",
     "sweep_cpu_memae",
+    "sweep_cpu_seeds",
+    "sweep_cpu_seeds_disjoint",
 )
 #: The cell recomputed from scratch: TrustMAE with the trust region at 10 % noise (re-drawn defects included).
 CELL = RunSpec(dataset="synthetic", category="widget", noise_ratio=0.1, method="trustmae", profile="cpu", seed=0,
