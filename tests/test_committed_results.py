@@ -106,6 +106,12 @@ def test_agreement_is_exact_on_one_platform_and_within_the_spread_elsewhere():
     kind, problems = agreement({"metrics": metrics(0.50), "platform": here}, committed, group)  # a broken model
     assert kind == "seed spread" and problems
     assert agreement({"metrics": metrics(0.83), "platform": {**there, "threads": 2}}, committed, group)[0] != "exact"
+    # the same generic CPU name with and without native bf16 (or with it unrecorded) is another platform
+    bf16 = {**there, "native_bf16": True}
+    assert agreement({"metrics": metrics(0.83), "platform": bf16}, {**committed, "platform": bf16}, group)[0] == "exact"
+    assert agreement({"metrics": metrics(0.83), "platform": bf16}, committed, group)[0] == "seed spread"
+    no_bf16 = {**committed, "platform": {**bf16, "native_bf16": False}}
+    assert agreement({"metrics": metrics(0.83), "platform": bf16}, no_bf16, group)[0] == "seed spread"
 
 
 @pytest.mark.slow

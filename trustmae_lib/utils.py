@@ -102,8 +102,10 @@ def native_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-#: The fields of :func:`platform_info` that decide the floating-point path of a CPU run.
-PLATFORM_KEYS = ("cpu", "machine", "cpu_capability", "torch", "threads")
+#: The fields of :func:`platform_info` that decide the floating-point path of a CPU run. ``native_bf16`` is among
+#: them because a generic model name ("Intel(R) Xeon(R) Processor") hides the CPU generation; a record that lacks it
+#: (``None``, written before it was recorded) is never the same platform as one that has it.
+PLATFORM_KEYS = ("cpu", "machine", "cpu_capability", "native_bf16", "torch", "threads")
 
 
 def platform_info(device: torch.device | str = "cpu") -> dict:
