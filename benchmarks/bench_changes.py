@@ -29,6 +29,22 @@
    ``--scoring-profile`` (the *before* is three :func:`~trustmae_lib.engine.evaluate.score` calls); both must give
    identical maps, image scores and reconstructions.
 
+5. The perceptual backbone (EfficientNet-Lite0): ``efficientnet_lite_pytorch`` pads the input of every
+   convolution with ``F.pad`` on each call and clamps every ReLU6 into a new tensor; the library now gives the
+   stride-1 convolutions their (symmetric) padding up front and runs ReLU6 in place
+   (:func:`trustmae_lib.model.perceptual._pad_statically`). Timed on the training step's two backbone passes (the
+   input without gradient, the reconstruction with its input gradient) in the default layout and on the speed
+   path; features and input gradients must be identical.
+
+6. The SSIM of ``L_sm``: its five Gaussian-filtered statistics used to come from one grouped convolution of a
+   ``(B, 5C, H, W)`` stack, so the backward pass filtered all five; now the input's own two statistics and the three
+   that involve the reconstruction are filtered as two stacks. The *before* code is kept here verbatim; the loss and
+   the reconstruction's gradient must be identical.
+
+7. Both together in the whole ``cpu``-profile TrustMAE training step (:mod:`bench_train`'s ``StepBench``): two
+   copies of the step built from the same seed, one with the *before* backbone and SSIM, stepped interleaved on
+   the same batches; every weight of both networks must be identical after the last step.
+
 The memory-layout change (channels-last) is a proposal for the training loop, measured by ``bench_train.py``.
 
 Usage::
@@ -265,6 +281,189 @@ def measure_shared_scoring(profile: str, repeats: int) -> dict:
     }
 
 
+def backbone_before(backbone):
+    """A copy of ``backbone`` as ``efficientnet_lite_pytorch`` ships it: every stride-1 convolution padded by
+    ``F.pad`` on each call (``Conv2dDynamicSamePadding``), ReLU6 not in place. Shares the weights."""
+    import copy
+
+    from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
+    from torch import nn
+
+    from trustmae_lib.model.perceptual import _SamePaddedConv2d
+
+    before = copy.deepcopy(backbone)
+    for module in list(before.net.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.ReLU6):
+                child.inplace = False
+            elif isinstance(child, _SamePaddedConv2d):
+                conv = Conv2dDynamicSamePadding(child.in_channels, child.out_channels, child.kernel_size, 1, 1,
+                                                child.groups, child.bias is not None)  # fmt: skip
+                conv.weight, conv.bias = child.weight, child.bias
+                setattr(module, name, conv)
+    return before
+
+
+def _backbone_passes(backbone, x, r):
+    """The step's two passes: the input without gradient, the reconstruction with its input gradient."""
+    with torch.no_grad():
+        fx = backbone(x)
+    r = r.detach().requires_grad_(True)
+    fr = backbone(r)
+    sum(((a - b) ** 2).mean() for a, b in zip(fx, fr, strict=True)).backward()
+    return fx, fr, r.grad
+
+
+def measure_backbone(fast: bool, batch: int, size: int, repeats: int) -> dict:
+    """The perceptual backbone's two training passes with the dynamic padding (before) and the static one (after)."""
+    from trustmae_lib.model.perceptual import build_backbone
+
+    after = build_backbone("efficientnet_lite0", fold_bn=fast)
+    before = backbone_before(after)
+    fmt = torch.channels_last if fast else torch.contiguous_format
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(batch, 3, size, size, generator=gen) * 2 - 1).contiguous(memory_format=fmt)
+    r = (torch.rand(batch, 3, size, size, generator=gen) * 2 - 1).contiguous(memory_format=fmt)
+    times = {"before": [], "after": []}
+    identical = True
+    for i in range(repeats + 2):  # two warm-up rounds
+        t0 = time.perf_counter()
+        out_b = _backbone_passes(before, x, r)
+        t1 = time.perf_counter()
+        out_a = _backbone_passes(after, x, r)
+        t2 = time.perf_counter()
+        if i >= 2:
+            times["before"].append(t1 - t0)
+            times["after"].append(t2 - t1)
+        tensors_a, tensors_b = [*out_a[0], *out_a[1], out_a[2]], [*out_b[0], *out_b[1], out_b[2]]
+        identical &= all(torch.equal(a, b) for a, b in zip(tensors_a, tensors_b, strict=True))
+    before_s, after_s = statistics.median(times["before"]), statistics.median(times["after"])
+    return {
+        "change": "perceptual backbone: static padding for stride-1 convolutions, ReLU6 in place"
+        + (" (speed path: folded BatchNorm, channels-last)" if fast else " (default layout)"),
+        "where": "trustmae_lib/model/perceptual.py (_pad_statically)",
+        "applied": True,
+        "replaced_convolutions": int(after.static_padded),
+        "shape": [batch, 3, size, size],
+        "before_ms": round(before_s * 1e3, 2),
+        "after_ms": round(after_s * 1e3, 2),
+        "speedup": round(before_s / after_s, 3),
+        "identical_output": bool(identical),
+    }
+
+
+def ssim_before(x, y, window_size: int = 11, sigma: float = 1.5, c1: float = 0.01**2, c2: float = 0.03**2):
+    """``losses.ssim`` (valid, mean) before the change: the five statistics filtered as one stack."""
+    import torch.nn.functional as Fn
+
+    from trustmae_lib.model.losses import gaussian_window
+
+    c = x.shape[1]
+    x, y = (x + 1.0) / 2.0, (y + 1.0) / 2.0
+    stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)
+    g = gaussian_window(window_size, sigma, dtype=x.dtype, device=x.device)
+    n = stack.shape[1]
+    stack = Fn.conv2d(stack, g.view(1, 1, -1, 1).expand(n, 1, -1, 1), groups=n)
+    stack = Fn.conv2d(stack, g.view(1, 1, 1, -1).expand(n, 1, 1, -1), groups=n)
+    mu_x, mu_y, e_xx, e_yy, e_xy = stack.split(c, dim=1)
+    var_x = e_xx - mu_x**2
+    var_y = e_yy - mu_y**2
+    cov_xy = e_xy - mu_x * mu_y
+    num = (2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)
+    den = (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
+    return (num / den).mean()
+
+
+def measure_ssim(channels_last: bool, batch: int, size: int, repeats: int) -> dict:
+    """``L_sm`` and its backward into the reconstruction, one stack of five (before) and two stacks (after)."""
+    from trustmae_lib.model.losses import ssim
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(batch, 3, size, size, generator=gen) * 2 - 1).contiguous(memory_format=fmt)
+    y0 = (torch.rand(batch, 3, size, size, generator=gen) * 2 - 1).contiguous(memory_format=fmt)
+
+    def run(fn):
+        y = y0.clone().requires_grad_(True)
+        loss = 1.0 - fn(x, y)
+        loss.backward()
+        return loss.detach(), y.grad
+
+    times = {"before": [], "after": []}
+    identical = True
+    for i in range(repeats + 2):
+        t0 = time.perf_counter()
+        out_b = run(ssim_before)
+        t1 = time.perf_counter()
+        out_a = run(ssim)
+        t2 = time.perf_counter()
+        if i >= 2:
+            times["before"].append(t1 - t0)
+            times["after"].append(t2 - t1)
+        identical &= all(torch.equal(a, b) for a, b in zip(out_a, out_b, strict=True))
+    before_s, after_s = statistics.median(times["before"]), statistics.median(times["after"])
+    return {
+        "change": "SSIM (L_sm): the input's statistics and the reconstruction's filtered as two stacks"
+        + (" (channels-last)" if channels_last else " (default layout)"),
+        "where": "trustmae_lib/model/losses.py (ssim)",
+        "applied": True,
+        "shape": [batch, 3, size, size],
+        "before_ms": round(before_s * 1e3, 2),
+        "after_ms": round(after_s * 1e3, 2),
+        "speedup": round(before_s / after_s, 3),
+        "identical_output": bool(identical),
+    }
+
+
+def measure_step(profile_name: str, fast: bool, steps: int) -> dict:
+    """Changes 5 and 6 together in the whole TrustMAE training step: two copies built from the same seed, the
+    *before* one with the shipped backbone and the one-stack SSIM, stepped interleaved on the same batches."""
+    from unittest import mock
+
+    from bench_train import StepBench
+
+    from trustmae_lib.config import load_profile
+    from trustmae_lib.model import losses
+
+    profile = load_profile(profile_name)
+    device = torch.device("cpu")
+    before = StepBench("trustmae", profile, device, category="widget", seed=0, fast=fast)
+    after = StepBench("trustmae", profile, device, category="widget", seed=0, fast=fast)
+    before.method.backbone = backbone_before(before.method.backbone)
+
+    def old_ssim(x, y, **kw):
+        return ssim_before(x, y)
+
+    times = {"before": [], "after": []}
+    warmup = 2
+    for i in range(steps + warmup):
+        with mock.patch.object(losses, "ssim", old_ssim):
+            _, tb = before.step(i)
+        _, ta = after.step(i)
+        if i >= warmup:
+            times["before"].append(tb)
+            times["after"].append(ta)
+    identical = all(
+        torch.equal(pa, pb)
+        for key in after.models
+        for pa, pb in zip(after.models[key].parameters(), before.models[key].parameters(), strict=True)
+    )
+    before_s, after_s = statistics.median(times["before"]), statistics.median(times["after"])
+    return {
+        "change": "whole TrustMAE step with changes 5 and 6"
+        + (" (speed path, RunSpec.fast)" if fast else " (library default)"),
+        "where": "benchmarks/bench_train.py StepBench",
+        "applied": True,
+        "profile": profile_name,
+        "steps": steps + warmup,
+        "shape": [profile.batch_size, 3, before.size, before.size],
+        "before_ms": round(before_s * 1e3, 1),
+        "after_ms": round(after_s * 1e3, 1),
+        "speedup": round(before_s / after_s, 3),
+        "identical_output": bool(identical),
+    }
+
+
 def parse_args(argv=None):
     p = common.base_parser(__doc__.splitlines()[0], "results/bench/changes.json")
     p.set_defaults(repeats=15)
@@ -274,6 +473,9 @@ def parse_args(argv=None):
     p.add_argument("--prefetch-steps", type=int, default=40, help="training steps per prefetch run (0: skip)")
     p.add_argument("--scoring-profile", default="cpu", help="profile of the run whose scoring is timed ('': skip)")
     p.add_argument("--scoring-repeats", type=int, default=5, help="rounds of the scoring measurement")
+    p.add_argument("--step-profile", default="cpu", help="profile of the whole-step measurement ('': skip)")
+    p.add_argument("--step-steps", type=int, default=12, help="timed training steps per arm of the whole step")
+    p.add_argument("--perceptual-size", type=int, default=128, help="image side of the backbone and SSIM timings")
     return p.parse_args(argv)
 
 
@@ -319,6 +521,22 @@ def main(argv=None) -> int:
             f"  scoring {row['variants']} on {row['shape']}: {row['before_ms']:.0f} -> {row['after_ms']:.0f} ms "
             f"({row['speedup']:.2f}x), identical {row['identical_output']}"
         )
+    for fast in (False, True):
+        row = measure_backbone(fast, args.batch, args.perceptual_size, args.repeats)
+        rows.append(row)
+        common.log(f"  {row['change']}: {row['before_ms']:.1f} -> {row['after_ms']:.1f} ms "
+                   f"({row['speedup']:.2f}x), identical {row['identical_output']}")  # fmt: skip
+    for channels_last in (False, True):
+        row = measure_ssim(channels_last, args.batch, args.perceptual_size, args.repeats)
+        rows.append(row)
+        common.log(f"  {row['change']}: {row['before_ms']:.1f} -> {row['after_ms']:.1f} ms "
+                   f"({row['speedup']:.2f}x), identical {row['identical_output']}")  # fmt: skip
+    if args.step_profile:
+        for fast in (False, True):
+            row = measure_step(args.step_profile, fast, args.step_steps)
+            rows.append(row)
+            common.log(f"  {row['change']}: {row['before_ms']:.0f} -> {row['after_ms']:.0f} ms "
+                       f"({row['speedup']:.2f}x), identical weights {row['identical_output']}")  # fmt: skip
     path = common.write_result(args.out, "changes", machine, {"args": vars(args), "results": rows})
     common.log(f"  wrote {path}")
     return 0 if all(r["identical_output"] for r in rows if r["applied"] and r.get("must_be_identical", True)) else 1

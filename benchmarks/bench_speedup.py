@@ -3,8 +3,11 @@
 Arms, each a full training step (:meth:`trustmae_lib.engine.methods.TrustMAEMethod.step`, discriminator and
 generator, both Adam updates) built as :mod:`bench_train` builds it:
 
-* ``before`` -- the library's default configuration (NCHW, the backbone as shipped): what every committed result
-  was trained with;
+* ``before`` -- the step as the performance issue found it: the library's default configuration (NCHW, the
+  backbone's BatchNorm unfolded) with the two later exact changes undone -- the backbone padded on every call as
+  the wheel ships it, the SSIM's statistics filtered as one stack (``bench_changes.backbone_before`` and
+  ``ssim_before``). It computes the same numbers as ``default``: what every committed result was trained with;
+* ``default`` -- the library's default configuration as it is now (``RunSpec.fast = False``);
 * ``after`` -- the speed path, :attr:`trustmae_lib.config.RunSpec.fast` (channels-last, the frozen backbone's
   BatchNorm folded into its convolutions);
 * ``after+bf16`` -- the speed path under bfloat16 autocast, only on a CPU with native bf16 (reported, not a
@@ -21,7 +24,9 @@ The float32 and bf16 matmul limits are measured in the same process at each thre
 profiler attributes one step of ``before`` and of ``after`` to the parts of the network (:mod:`profile_step`).
 
 Writes ``results/bench/speedup.json``: ``before_ms``, ``after_ms``, ``speedup``, ``ratio_to_matmul`` (of the
-after arm, at the first thread count), every arm at every thread count, the parts, and the machine block.
+after arm, at the first thread count), ``default_ms`` and ``speedup_default`` (the default configuration against
+``before``), every arm at every thread count, the parts (``before``: the default configuration as it is now), and
+the machine block.
 
 Usage::
 
@@ -47,13 +52,31 @@ from bench_train import StepBench  # noqa: E402
 from trustmae_lib.config import load_profile  # noqa: E402
 from trustmae_lib.utils import native_bf16  # noqa: E402
 
-ARMS = ("before", "after", "after+bf16", "after+compile")
+ARMS = ("before", "default", "after", "after+bf16", "after+compile")
 
 
 def build(arm: str, profile, device) -> StepBench:
     """The step of one arm (same seed, same data, same initial weights for every arm)."""
     amp = torch.bfloat16 if arm == "after+bf16" else None
-    return StepBench("trustmae", profile, device, amp=amp, category="widget", seed=0, fast=arm != "before")
+    bench = StepBench("trustmae", profile, device, amp=amp, category="widget", seed=0,
+                      fast=arm not in ("before", "default"))  # fmt: skip
+    if arm == "before":  # undo the exact changes: the shipped backbone's padding, the one-stack SSIM
+        from unittest import mock
+
+        import bench_changes
+
+        from trustmae_lib.model import losses
+
+        if bench.method.backbone.name == "efficientnet_lite0":
+            bench.method.backbone = bench_changes.backbone_before(bench.method.backbone)
+        step = bench.step
+
+        def step_before(i: int, step=step):
+            with mock.patch.object(losses, "ssim", lambda x, y, **kw: bench_changes.ssim_before(x, y)):
+                return step(i)
+
+        bench.step = step_before
+    return bench
 
 
 def time_arms(arms: dict[str, StepBench], warmup: int, repeats: int) -> dict[str, list[float]]:
@@ -157,7 +180,9 @@ def main(argv=None) -> int:
         "image_size": profile.image_size,
         "width": profile.width,
         "arms": {
-            "before": "library default: NCHW, backbone as shipped (RunSpec.fast = False)",
+            "before": "the step as the performance issue found it: library default (NCHW, RunSpec.fast = False) with "
+            "the backbone padded on every call as the wheel ships it and the one-stack SSIM (the same numbers)",
+            "default": "library default as it is now (NCHW, RunSpec.fast = False)",
             "after": "speed path (RunSpec.fast = True): channels-last, backbone BatchNorm folded into its convolutions",
             "after+bf16": "speed path under bfloat16 autocast (native-bf16 CPUs only; not a default)",
             "after+compile": "speed path with the networks and the backbone under torch.compile (Inductor; not a "
@@ -167,6 +192,8 @@ def main(argv=None) -> int:
         "before_ms": first["arms"]["before"]["step_ms"],
         "after_ms": first["arms"]["after"]["step_ms"],
         "speedup": first["arms"]["after"]["speedup"],
+        "default_ms": first["arms"]["default"]["step_ms"],
+        "speedup_default": first["arms"]["default"]["speedup"],
         "ratio_to_matmul": first["arms"]["after"]["ratio_to_matmul"],
         "ratio_to_matmul_before": first["arms"]["before"]["ratio_to_matmul"],
         "float32_limit_gflops": round(first["limits"]["float32"]["gflops"], 2),
@@ -176,6 +203,9 @@ def main(argv=None) -> int:
         "args": vars(args),
     }
     path = common.write_result(args.out, "speedup", machine, payload)
+    common.log(
+        f"  default x{payload['speedup_default']:.2f} ({payload['before_ms']:.0f} -> {payload['default_ms']:.0f} ms)"
+    )
     common.log(f"  speedup x{payload['speedup']:.2f} ({payload['before_ms']:.0f} -> {payload['after_ms']:.0f} ms), "
                f"after at {payload['ratio_to_matmul']:.0%} of the float32 matmul limit; wrote {path}")  # fmt: skip
     return 0

@@ -35,7 +35,7 @@ if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
 from trustmae_lib import __version__  # noqa: E402
 from trustmae_lib.errors import TrustMAEError  # noqa: E402
 from trustmae_lib.io import write_json  # noqa: E402
-from trustmae_lib.utils import cpu_model  # noqa: E402
+from trustmae_lib.utils import cpu_model, native_bf16  # noqa: E402
 
 SCHEMA_VERSION = 1
 
@@ -86,6 +86,7 @@ def machine_info(device: torch.device) -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": native_bf16(),
         "mkldnn": torch.backends.mkldnn.is_available(),
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,

@@ -179,7 +179,11 @@ def test_bench_speedup_schema_interleaves_the_arms_and_profiles_both(tmp_path, k
     assert data["kind"] == "speedup" and data["profile"] == "smoke" and data["threads"] == 1
     assert {"cpu", "cpu_capability", "native_bf16", "torch"} <= set(data["machine"])
     (row,) = data["by_threads"]
-    assert set(row["arms"]) == {"before", "after"} | ({"after+bf16"} if data["machine"]["native_bf16"] else set())
+    assert set(row["arms"]) == {"before", "default", "after"} | (
+        {"after+bf16"} if data["machine"]["native_bf16"] else set()
+    )
+    assert data["default_ms"] == row["arms"]["default"]["step_ms"]
+    assert math.isclose(data["speedup_default"], data["before_ms"] / data["default_ms"], rel_tol=1e-2)
     assert all(len(arm["step"]["runs_s"]) == 2 for arm in row["arms"].values())
     assert data["before_ms"] == row["arms"]["before"]["step_ms"] and data["after_ms"] == row["arms"]["after"]["step_ms"]
     assert math.isclose(data["speedup"], data["before_ms"] / data["after_ms"], rel_tol=1e-2)
@@ -197,10 +201,21 @@ def test_bench_changes_compares_identical_outputs(tmp_path, keep_threads):
     out = tmp_path / "changes.json"
     args = ["--sizes", "16", "24", "--batch", "8", "--texture", "32", "8", "--out", str(out), "--wait-idle", "0"]
     args += ["--scoring-profile", "smoke", "--scoring-repeats", "1"]
+    args += ["--step-profile", "smoke", "--step-steps", "2", "--perceptual-size", "32"]
     assert _load("bench_changes").main(args + ["--threads", "1", "--repeats", "2", "--prefetch-steps", "4"]) == 0
     data = json.loads(out.read_text())
     assert data["kind"] == "changes" and data["machine"]["torch_threads"] == 1
-    rows, prefetch, (scoring,) = data["results"][:3], data["results"][3:-1], data["results"][-1:]
+    rows, results = data["results"][:3], data["results"]
+    prefetch = [r for r in results if "helper_threads" in r]
+    (scoring,) = [r for r in results if "variants" in r]
+    padding = [r for r in results if r["where"].endswith("(_pad_statically)")]
+    ssim = [r for r in results if r["where"].endswith("(ssim)")]
+    steps = [r for r in results if r["change"].startswith("whole TrustMAE step")]
+    # The backbone's static padding, the two-stack SSIM and both in a real training step change no number: the
+    # features, the gradients and, after the steps, every weight are bit for bit the ones before the change.
+    assert len(padding) == len(ssim) == len(steps) == 2
+    assert all(r["identical_output"] is True and r["applied"] for r in padding + ssim + steps)
+    assert all(r["replaced_convolutions"] > 16 for r in padding) and {r["steps"] for r in steps} == {4}
     # Scoring every variant in one pass gives exactly what scoring them one at a time gives.
     assert scoring["variants"] == ["perceptual", "pixel", "global"] and scoring["identical_output"] is True
     assert scoring["applied"] and scoring["before_ms"] > 0 and scoring["after_ms"] > 0
@@ -214,7 +229,7 @@ def test_bench_changes_compares_identical_outputs(tmp_path, keep_threads):
         ([8, 3, 24, 24], True),
         ([8, 3, 32, 32], True),
     ]
-    for r in rows:
+    for r in rows + padding + ssim + steps:
         # An applied change must leave the output bit for bit the same -- unless it only keeps the distribution
         # (the texture crop-first draw, checked in test_train.py).
         assert r["identical_output"] is r.get("must_be_identical", True) and r["before_ms"] > 0 and r["after_ms"] > 0

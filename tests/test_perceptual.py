@@ -214,6 +214,37 @@ def test_random_efficientnet_is_labelled_random():
         bb(torch.zeros(1, 1, 32, 32))
 
 
+def test_static_padding_computes_the_wheels_dynamic_padding(effnet):
+    """The library pads the stride-1 convolutions up front and runs ReLU6 in place (a speed change); the features
+    and their input gradient must be those of the network exactly as the wheel builds it."""
+    from efficientnet_lite_pytorch import EfficientNet
+    from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
+
+    ref = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    ref.load_state_dict(effnet.net.state_dict(), strict=True)  # same parameter names after the replacement
+    ref.eval()
+    still_dynamic = [m for m in effnet.net.modules() if isinstance(m, Conv2dDynamicSamePadding)]
+    assert effnet.static_padded > 16 and still_dynamic  # every block's depthwise / 1x1 convolutions; not the stem
+    assert all(tuple(m.stride) == (2, 2) for m in still_dynamic)  # asymmetric "same" padding stays dynamic
+    assert all(m.inplace for m in effnet.net.modules() if isinstance(m, torch.nn.ReLU6))
+    torch.manual_seed(0)
+    for size in (64, 50):  # an odd size too: stride-1 padding does not depend on it
+        x = (torch.rand(2, 3, size, size) * 2 - 1).requires_grad_(True)
+        y = x.detach().clone().requires_grad_(True)
+        got = effnet(x)
+        h = ref._swish(ref._bn0(ref._conv_stem(effnet.normalize(y))))
+        want = []
+        for i, block in enumerate(ref._blocks[: max(effnet.tap_indices) + 1]):
+            h = block(h)
+            if i in effnet.tap_indices:
+                want.append(h)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.detach().abs().max()))
+        sum((f**2).mean() for f in got).backward()
+        sum((f**2).mean() for f in want).backward()
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-6 * float(y.grad.abs().max()))
+
+
 def test_folding_batchnorm_keeps_the_features_and_their_input_gradient_and_removes_every_batchnorm(effnet):
     folded = load_efficientnet_lite0(pretrained=True).fold_batchnorm()
     n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in effnet.modules())

@@ -95,6 +95,13 @@ def _symmetric_pad(x: Tensor, pad: int) -> Tensor:
     return x.index_select(-2, index(h)).index_select(-1, index(w))
 
 
+def _gaussian_blur(stack: Tensor, g: Tensor) -> Tensor:
+    """Separable Gaussian filter ``g`` applied to every channel of ``stack`` on its own, "valid" positions only."""
+    n = stack.shape[1]
+    stack = F.conv2d(stack, g.view(1, 1, -1, 1).expand(n, 1, -1, 1), groups=n)  # along H
+    return F.conv2d(stack, g.view(1, 1, 1, -1).expand(n, 1, 1, -1), groups=n)  # along W
+
+
 def ssim(
     x: Tensor,
     y: Tensor,
@@ -166,13 +173,13 @@ def ssim(
     if padding == "same":
         x, y = _symmetric_pad(x, pad), _symmetric_pad(y, pad)
 
-    # The five local statistics in one grouped, separable Gaussian convolution: (B, 5C, H, W).
-    stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)
+    # The five local statistics from a grouped, separable Gaussian convolution, in two stacks: the input's own
+    # (B, 2C, H, W) and those that involve y (B, 3C, H, W). Each channel is filtered on its own, so this equals one
+    # stack of five (bit for bit on the machines we measured); but when only y needs a gradient -- L_sm in training
+    # -- the backward pass filters 3C channels instead of 5C (1.7x faster channels-last, results/bench/changes.json).
     g = gaussian_window(window_size, sigma, dtype=x.dtype, device=x.device)
-    n = stack.shape[1]
-    stack = F.conv2d(stack, g.view(1, 1, -1, 1).expand(n, 1, -1, 1), groups=n)  # along H, "valid"
-    stack = F.conv2d(stack, g.view(1, 1, 1, -1).expand(n, 1, 1, -1), groups=n)  # along W, "valid"
-    mu_x, mu_y, e_xx, e_yy, e_xy = stack.split(c, dim=1)
+    mu_x, e_xx = _gaussian_blur(torch.cat([x, x * x], dim=1), g).split(c, dim=1)
+    mu_y, e_yy, e_xy = _gaussian_blur(torch.cat([y, y * y, x * y], dim=1), g).split(c, dim=1)
 
     var_x = e_xx - mu_x**2  # sigma_p^2 (population variance, use_sample_covariance=False)
     var_y = e_yy - mu_y**2

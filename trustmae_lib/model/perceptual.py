@@ -349,6 +349,7 @@ class EfficientNetLite0Backbone(PerceptualBackbone):
         self.tap_indices = tuple(taps)
         self.strides = tuple(strides)
         self._taps = set(taps)
+        self.static_padded = _pad_statically(net)
 
     def extract(self, x: Tensor) -> list[Tensor]:
         net = self.net
@@ -383,6 +384,53 @@ class EfficientNetLite0Backbone(PerceptualBackbone):
         self._freeze()
         self.folded = True
         return self
+
+
+class _SamePaddedConv2d(nn.Conv2d):
+    """A stride-1 convolution with TensorFlow's "same" padding for an odd kernel, ``(k - 1) / 2`` on every side:
+    inside the convolution where the map is larger than the padding, as an explicit ``F.pad`` (as
+    ``efficientnet_lite_pytorch`` does everywhere) where it is not."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        ph, pw = self.padding
+        if min(x.shape[-2:]) > max(ph, pw):
+            return super().forward(x)
+        x = nn.functional.pad(x, [pw, pw, ph, ph])
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def _pad_statically(net: nn.Module) -> int:
+    """Speed change, the same numbers: give every stride-1 "same" convolution of ``net`` its padding up front and
+    run every ReLU6 in place. Returns how many convolutions were replaced.
+
+    ``efficientnet_lite_pytorch`` pads each convolution's input with ``F.pad`` on every call (TensorFlow's "same",
+    computed from the input size) and clamps into a new tensor. For stride 1 and an odd kernel that padding is
+    ``(k - 1) / 2`` on every side whatever the input size, so a plain ``nn.Conv2d`` with that padding computes the
+    same function without the padded copy (oneDNN skips the zero taps instead of multiplying by them) -- on maps
+    larger than the padding; on smaller ones (the deepest maps of a small image) oneDNN picks another kernel, which
+    sums in another order and is slower, so there the input is padded as before (:class:`_SamePaddedConv2d`). The
+    stride-2 convolutions, whose "same" padding is asymmetric, keep theirs. A ReLU6 in place is safe here: it
+    follows a convolution or a BatchNorm, whose backward passes do not read their output. Both changes give
+    bit-identical features and input gradients on the machines we measured (``benchmarks/bench_changes.py``,
+    ``results/bench/changes.json``), about 20 % off the backbone's time at the ``cpu`` profile.
+    """
+    from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
+
+    replaced = 0
+    for module in list(net.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.ReLU6):
+                child.inplace = True
+            elif isinstance(child, Conv2dDynamicSamePadding):
+                k, s, d = tuple(child.kernel_size), tuple(child.stride), tuple(child.dilation)
+                if s != (1, 1) or d != (1, 1) or k[0] % 2 == 0 or k[1] % 2 == 0:
+                    continue  # asymmetric or input-dependent padding: keep the dynamic one
+                conv = _SamePaddedConv2d(child.in_channels, child.out_channels, k, 1, (k[0] // 2, k[1] // 2), 1,
+                                         child.groups, child.bias is not None)  # fmt: skip
+                conv.weight, conv.bias = child.weight, child.bias  # the same parameters (and state-dict keys)
+                setattr(module, name, conv)
+                replaced += 1
+    return replaced
 
 
 def _stride(conv: nn.Conv2d) -> int:
