@@ -473,7 +473,7 @@ def ci_verdict(low: float, high: float, n: int) -> str:
 
 def diagnostics_frame(results: Iterable[dict]) -> pd.DataFrame:
     """One row per result file with the mechanism diagnostics (:mod:`trustmae_lib.engine.diagnostics`) beside the
-    primary variant's image AUROC: ``dataset, category, protocol, method, reading, noise, seed, image_auroc,
+    primary variant's image AUROC: ``dataset, category, protocol, method, reading, noise, seed, steps, image_auroc,
     slot_movement, perplexity, used_slots, captured_fraction, defect_share, untrusted_fraction,
     untrusted_precision, untrusted_recall, l1_good, diversity, platform, file`` (``NaN`` where a file has no such
     diagnostic). A noisy training set without a single defect location has no defect masks (``elpv`` labels whole
@@ -491,6 +491,7 @@ def diagnostics_frame(results: Iterable[dict]) -> pd.DataFrame:
                 "reading": res.get("reading") or "",
                 "noise": float(res.get("noise_ratio", 0.0)),
                 "seed": int(res.get("seed", 0)),
+                "steps": int(res.get("steps", 0)),
                 "image_auroc": res.get("image_auroc"),
                 "slot_movement": mem.get("slot_movement"),
                 "perplexity": mem.get("perplexity"),
