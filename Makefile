@@ -101,6 +101,7 @@ memory-validation: validation-data
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_ablation --fresh --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_readout --fresh --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_lr_validation --fresh --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_memory_steps300_validation --fresh --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_steps_validation --fresh --jobs 2
 
 memory: $(STAMP)
