@@ -304,6 +304,24 @@ def backbone_before(backbone):
     return before
 
 
+def _interleaved(before, after, repeats: int, warmup: int = 2) -> tuple[float, float, bool]:
+    """Median seconds of ``before()`` and ``after()`` run in turn (``warmup`` untimed rounds first), and whether every
+    round gave bit-identical tensors (each returns a sequence of tensors)."""
+    times = {"before": [], "after": []}
+    identical = True
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        out_b = before()
+        t1 = time.perf_counter()
+        out_a = after()
+        t2 = time.perf_counter()
+        if i >= warmup:
+            times["before"].append(t1 - t0)
+            times["after"].append(t2 - t1)
+        identical &= all(torch.equal(a, b) for a, b in zip(out_a, out_b, strict=True))
+    return statistics.median(times["before"]), statistics.median(times["after"]), bool(identical)
+
+
 def _backbone_passes(backbone, x, r):
     """The step's two passes: the input without gradient, the reconstruction with its input gradient."""
     with torch.no_grad():
@@ -324,20 +342,13 @@ def measure_backbone(fast: bool, batch: int, size: int, repeats: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     x = (torch.rand(batch, 3, size, size, generator=gen) * 2 - 1).contiguous(memory_format=fmt)
     r = (torch.rand(batch, 3, size, size, generator=gen) * 2 - 1).contiguous(memory_format=fmt)
-    times = {"before": [], "after": []}
-    identical = True
-    for i in range(repeats + 2):  # two warm-up rounds
-        t0 = time.perf_counter()
-        out_b = _backbone_passes(before, x, r)
-        t1 = time.perf_counter()
-        out_a = _backbone_passes(after, x, r)
-        t2 = time.perf_counter()
-        if i >= 2:
-            times["before"].append(t1 - t0)
-            times["after"].append(t2 - t1)
-        tensors_a, tensors_b = [*out_a[0], *out_a[1], out_a[2]], [*out_b[0], *out_b[1], out_b[2]]
-        identical &= all(torch.equal(a, b) for a, b in zip(tensors_a, tensors_b, strict=True))
-    before_s, after_s = statistics.median(times["before"]), statistics.median(times["after"])
+
+    def flat(out):
+        return [*out[0], *out[1], out[2]]
+
+    before_s, after_s, identical = _interleaved(
+        lambda: flat(_backbone_passes(before, x, r)), lambda: flat(_backbone_passes(after, x, r)), repeats
+    )
     return {
         "change": "perceptual backbone: static padding for stride-1 convolutions, ReLU6 in place"
         + (" (speed path: folded BatchNorm, channels-last)" if fast else " (default layout)"),
@@ -389,19 +400,7 @@ def measure_ssim(channels_last: bool, batch: int, size: int, repeats: int) -> di
         loss.backward()
         return loss.detach(), y.grad
 
-    times = {"before": [], "after": []}
-    identical = True
-    for i in range(repeats + 2):
-        t0 = time.perf_counter()
-        out_b = run(ssim_before)
-        t1 = time.perf_counter()
-        out_a = run(ssim)
-        t2 = time.perf_counter()
-        if i >= 2:
-            times["before"].append(t1 - t0)
-            times["after"].append(t2 - t1)
-        identical &= all(torch.equal(a, b) for a, b in zip(out_a, out_b, strict=True))
-    before_s, after_s = statistics.median(times["before"]), statistics.median(times["after"])
+    before_s, after_s, identical = _interleaved(lambda: run(ssim_before), lambda: run(ssim), repeats)
     return {
         "change": "SSIM (L_sm): the input's statistics and the reconstruction's filtered as two stacks"
         + (" (channels-last)" if channels_last else " (default layout)"),
