@@ -175,8 +175,8 @@ def ssim(
 
     # The five local statistics from a grouped, separable Gaussian convolution, in two stacks: the input's own
     # (B, 2C, H, W) and those that involve y (B, 3C, H, W). Each channel is filtered on its own, so this equals one
-    # stack of five (bit for bit on the machines we measured); but when only y needs a gradient -- L_sm in training
-    # -- the backward pass filters 3C channels instead of 5C (1.7x faster channels-last, results/bench/changes.json).
+    # stack of five (bit for bit where we measured it, benchmarks/bench_changes.py); but when only y needs a gradient
+    # -- L_sm in training -- the backward pass filters 3C channels instead of 5C, which pays in channels-last.
     g = gaussian_window(window_size, sigma, dtype=x.dtype, device=x.device)
     mu_x, e_xx = _gaussian_blur(torch.cat([x, x * x], dim=1), g).split(c, dim=1)
     mu_y, e_yy, e_xy = _gaussian_blur(torch.cat([y, y * y, x * y], dim=1), g).split(c, dim=1)

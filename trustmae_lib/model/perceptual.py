@@ -406,13 +406,13 @@ def _pad_statically(net: nn.Module) -> int:
     ``efficientnet_lite_pytorch`` pads each convolution's input with ``F.pad`` on every call (TensorFlow's "same",
     computed from the input size) and clamps into a new tensor. For stride 1 and an odd kernel that padding is
     ``(k - 1) / 2`` on every side whatever the input size, so a plain ``nn.Conv2d`` with that padding computes the
-    same function without the padded copy (oneDNN skips the zero taps instead of multiplying by them) -- on maps
+    same function without the padded copy (the padded taps add nothing either way) -- on maps
     larger than the padding; on smaller ones (the deepest maps of a small image) oneDNN picks another kernel, which
     sums in another order and is slower, so there the input is padded as before (:class:`_SamePaddedConv2d`). The
     stride-2 convolutions, whose "same" padding is asymmetric, keep theirs. A ReLU6 in place is safe here: it
     follows a convolution or a BatchNorm, whose backward passes do not read their output. Both changes give
-    bit-identical features and input gradients on the machines we measured (``benchmarks/bench_changes.py``,
-    ``results/bench/changes.json``), about 20 % off the backbone's time at the ``cpu`` profile.
+    bit-identical features and input gradients where we measured them, and take a tenth or so off the backbone's
+    time at the ``cpu`` profile (``benchmarks/bench_changes.py``, ``results/bench/changes.json``).
     """
     from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
 
