@@ -248,7 +248,7 @@ def measure_shared_scoring(profile: str, repeats: int) -> dict:
     from trustmae_lib.engine import evaluate, runs, train
 
     with tempfile.TemporaryDirectory() as tmp:
-        spec = RunSpec(category="widget", method="trustmae", profile=profile, seed=0, steps=1, fast=True)
+        spec = RunSpec(category="widget", method="trustmae", profile=profile, seed=0, steps=1, fast=True, reading="")
         trained = runs.load_trained(train.train(spec, tmp, progress=False))
         images, _ = evaluate._test_tensors(trained, trained.score_size)
         variants = evaluate.VARIANTS

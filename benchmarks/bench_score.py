@@ -60,7 +60,8 @@ LAYOUTS = ("nchw", "channels_last")
 
 def untrained_run(method: str, category: str, profile, device, channels_last: bool):
     """A :class:`~trustmae_lib.engine.runs.TrainedRun` with freshly initialised networks (for timing only)."""
-    spec = RunSpec(category=category, method=method, profile=profile.name)
+    # The configuration the committed file measured: the supplement-literal reading, the backbone unfolded (0.1.0).
+    spec = RunSpec(category=category, method=method, profile=profile.name, reading="", fast=False)
     seed_everything(0)
     models = methods.build_models(spec, profile)
     fmt = torch.channels_last if channels_last else torch.contiguous_format

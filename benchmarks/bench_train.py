@@ -68,13 +68,16 @@ class StepBench:
         category: decides the texture protocol of the AE baselines (``brick`` is a texture).
         seed: initialisation and data order.
         fast: the library's speed path (:attr:`trustmae_lib.config.RunSpec.fast`: channels-last and the perceptual
-            backbone's BatchNorm folded into its convolutions).
+            backbone's BatchNorm folded into its convolutions); ``None``: the library's default (on since 0.2.0).
+        reading: the reading (:data:`trustmae_lib.config.READINGS`); ``""`` (default here) the supplement-literal
+            construction that the committed benchmark files measured, ``None`` the method's default reading.
     """
 
-    def __init__(self, method, profile, device, channels_last=False, amp=None, category="brick", seed=0, fast=False):
-        channels_last = channels_last or fast  # the speed path trains channels-last (RunSpec.fast)
-        self.device, self.channels_last, self.seed = device, channels_last, seed
-        spec = RunSpec(category=category, method=method, profile=profile.name, seed=seed, fast=fast)
+    def __init__(self, method, profile, device, channels_last=False, amp=None, category="brick", seed=0, fast=False,
+                 reading: str | None = ""):  # fmt: skip
+        spec = RunSpec(category=category, method=method, profile=profile.name, seed=seed, fast=fast, reading=reading)
+        channels_last = channels_last or spec.fast  # the speed path trains channels-last (RunSpec.fast)
+        self.device, self.channels_last, self.seed, self.spec = device, channels_last, seed, spec
         seed_everything(seed)
         with common.patched_backbone(common.vgg19_available()) as used:
             models = methods.build_models(spec, profile)
@@ -89,7 +92,10 @@ class StepBench:
             gen = torch.Generator().manual_seed(seed)
             self.images = (torch.rand(self.n, 3, self.size, self.size, generator=gen) * 2 - 1).to(device)
             self.masks = torch.zeros(self.n, 1, self.size, self.size, device=device)
-            if is_trustmae(method) and profile.memory_init == "features":
+            init = spec.reading_overrides("init").get("memory_init", profile.memory_init)  # as fit() starts
+            if is_trustmae(method) and init == "kmeans":
+                methods.init_memory_kmeans(models["model"], self.images, self.batch, seed=seed)
+            if is_trustmae(method) and init == "features":
                 first = self.images[prepare.batch_indices(0, self.n, self.batch, seed).to(device)]
                 if channels_last:
                     first = first.contiguous(memory_format=torch.channels_last)

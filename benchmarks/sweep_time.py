@@ -6,7 +6,8 @@ machine). This script runs a subset of those cells -- one per trained method, by
 
 * ``before``: the library at ``--before-ref`` (a git commit, checked out into a temporary worktree), i.e. the code
   before the performance work of chapter 14;
-* ``after``: this checkout, as ``make reproduce`` runs it;
+* ``after``: this checkout, with the settings the first study's cells were trained with (``--reading literal
+  --no-fast``: the library's defaults up to 0.1.0, which the before arm's code has as its own);
 * ``after-cl``: this checkout with ``--channels-last`` (training in the channels-last layout on the CPU too).
 
 Every cell runs as its own process with one thread (``OMP_NUM_THREADS=1``), two at a time, arms interleaved so that
@@ -83,6 +84,8 @@ def _cell_args(args, method: str, arm: str, runs: Path) -> list[str]:
            "--seed", str(args.seed), "--out", str(runs), "--evaluate", "--no-progress", "--device", "cpu"]  # fmt: skip
     if steps:
         cmd += ["--steps", str(steps)]
+    if arm != "before":  # the first study's settings, the defaults up to 0.1.0 (the before arm's code has them)
+        cmd += ["--reading", "literal", "--no-fast"]
     if arm == "after-cl":
         cmd.append("--channels-last")
     return cmd

@@ -310,7 +310,7 @@ def test_augment_off_is_recorded_keyed_and_reaches_the_loop(shop, screw_run, tmp
     assert main(_train(out, "--augment", "off", dataset=shop / "parts")) == 0
     run = _only_run(out)
     assert seen == [True, True]  # screw is not a fixed-orientation category: only --augment off stops the flips
-    assert run.name.startswith("parts-screw-n00-overlap-trustmae-smoke-s0-augoff-")
+    assert run.name.startswith("parts-screw-n00-overlap-trustmae-smoke-s0-ema-fast-augoff-")  # 0.2.0's defaults
     assert run.name.rsplit("-", 1)[1] != screw_run.name.rsplit("-", 1)[1]  # keyed apart from auto
     info = json.loads((run / "run.json").read_text())
     assert info["spec"]["augment"] == "off"
@@ -320,8 +320,9 @@ def test_augment_off_is_recorded_keyed_and_reaches_the_loop(shop, screw_run, tmp
 
 
 def test_augment_auto_keeps_committed_hashes():
+    # the first study's settings (the defaults up to 0.1.0)
     cell = RunSpec(dataset="synthetic", category="widget", noise_ratio=0.1, method="trustmae", profile="cpu",
-                   seed=0, steps=300)  # fmt: skip
+                   seed=0, steps=300, reading="", fast=False)  # fmt: skip
     assert cell.augment == "auto"
     (committed,) = (REPO / "results" / "cpu").glob(f"{cell.file_stem()}.json")
     assert json.loads(committed.read_text())["config_hash"] == cell.config_hash()

@@ -46,9 +46,10 @@ COMMITTED = (
     "sweep_cpu_seeds",
     "sweep_cpu_seeds_disjoint",
 )
-#: The cell recomputed from scratch: TrustMAE with the trust region at 10 % noise (re-drawn defects included).
+#: The cell recomputed from scratch: TrustMAE with the trust region at 10 % noise (re-drawn defects included), in the
+#: first study's settings (the supplement-literal reading, the float32 NCHW path: the defaults up to 0.1.0).
 CELL = RunSpec(dataset="synthetic", category="widget", noise_ratio=0.1, method="trustmae", profile="cpu", seed=0,
-               steps=300)  # fmt: skip
+               steps=300, reading="", fast=False)  # fmt: skip
 
 
 @pytest.mark.parametrize("name", COMMITTED)

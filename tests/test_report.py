@@ -167,7 +167,7 @@ def test_figures_draw_what_the_tables_say():
     assert heat.shape == (4, 2) and heat[3, 0] == pytest.approx(95.0)
 
 
-def test_readings_table_pairs_each_reading_with_its_own_or_the_default_no_tr():
+def test_readings_table_pairs_each_reading_with_its_own_or_the_literal_no_tr():
     rows = []
     for s in (0, 1, 2):
         rows += [
@@ -179,8 +179,8 @@ def test_readings_table_pairs_each_reading_with_its_own_or_the_default_no_tr():
         ]
     table = report.readings_table(report.results_frame(rows)).set_index("reading")
     assert table.loc["inner60", "gap"] == pytest.approx(10.0) and table.loc["inner60", "verdict"] == "holds"
-    assert table.loc["inner60", "w/o TR"].endswith("(default)")
-    assert table.loc["default", "gap"] == pytest.approx(3.0) and table.loc["default", "verdict"] == "holds"
+    assert table.loc["inner60", "w/o TR"].endswith("(literal)")
+    assert table.loc["literal", "gap"] == pytest.approx(3.0) and table.loc["literal", "verdict"] == "holds"
     assert table.loc["m512", "w/o TR"].endswith("(m512)")
     assert table.loc["m512", "gap"] == pytest.approx(-5.0) and table.loc["m512", "verdict"] == "inconclusive"
     assert table.loc["m512", "per seed"] == pytest.approx((0.0, -5.0, -10.0))

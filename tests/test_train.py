@@ -262,12 +262,12 @@ def test_a_reading_changes_the_built_network_and_the_run_key():
     from trustmae_lib.config import READINGS, reading_methods
 
     profile = load_profile("smoke")
-    base = RunSpec(method="trustmae", category="widget")
+    base = RunSpec(method="trustmae", category="widget", reading="")  # the supplement-literal construction
     default = build_models(base, profile)["model"]
     for name, reading in READINGS.items():
         method = reading_methods(name)[0]
-        spec = RunSpec(method=method, category="widget", reading=name)
-        assert spec.config_hash() != RunSpec(method=method, category="widget").config_hash()
+        spec = RunSpec(method=method, category="widget", reading=name, fast=False)
+        assert spec.config_hash() != RunSpec(method=method, category="widget", reading="", fast=False).config_hash()
         assert run_dir_for(spec).name.split("-")[-2] == name
         if method != "trustmae":
             continue
@@ -336,6 +336,27 @@ def test_the_trust_weight_reading_scales_only_l_trust_in_the_logged_total(tmp_pa
     assert a["total"] - b["total"] == pytest.approx(0.9 * a["trust"], rel=1e-4)
 
 
+def test_a_run_that_names_no_reading_runs_the_core_studys_settings_and_the_literal_one_keeps_its_files():
+    from trustmae_lib.study.sweep import load_sweep
+
+    cell = {"dataset": "synthetic", "category": "widget", "profile": "cpu", "steps": 300}
+    core = {s.config_hash(): s for s in load_sweep("sweep_cpu_core").grid()}
+    # Since 0.2.0 a spec without a reading runs the learned memory on the speed path -- for TrustMAE and w/o TR the
+    # `ema` cells, for MemAE the chosen threshold and rate: exactly the cells of the noise study's core ...
+    for method, reading in (("trustmae", "ema"), ("trustmae_no_tr", "ema"), ("memae", "shrink2m_lr2e3")):
+        spec = RunSpec(method=method, **cell)
+        assert (spec.reading, spec.fast) == (reading, True)
+        assert core[spec.config_hash()] == spec, method
+    # ... the auto-encoders take no reading and PatchCore trains nothing, so it has no speed path
+    assert (RunSpec(method="ae_l2", **cell).reading, RunSpec(method="ae_l2", **cell).fast) == ("", True)
+    assert (RunSpec(method="patchcore", **cell).reading, RunSpec(method="patchcore", **cell).fast) == ("", False)
+    # ... while the supplement-literal construction (the default up to 0.1.0) keeps the hash of the first study's files
+    first = {s.config_hash() for s in load_sweep("sweep_cpu").grid()}
+    literal = RunSpec(method="trustmae", reading="", fast=False, **cell)
+    assert literal.config_hash() in first and RunSpec(method="trustmae", **cell).config_hash() not in first
+    assert literal.run_name() == "synthetic-widget-n00-overlap-trustmae-cpu-s0"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -350,9 +371,9 @@ def test_bad_readings_are_one_line_errors(kwargs, match):
 
 
 def test_channels_last_training_on_the_cpu_is_keyed_apart_and_agrees_up_to_rounding(tmp_path):
-    base = RunSpec(method="trustmae", category="widget", steps=1)
-    cl = RunSpec(method="trustmae", category="widget", steps=1, channels_last=True)
-    assert base.config_hash() == RunSpec(method="trustmae", category="widget", steps=1).config_hash()
+    base = RunSpec(method="trustmae", category="widget", steps=1, fast=False)
+    cl = RunSpec(method="trustmae", category="widget", steps=1, channels_last=True, fast=False)
+    assert base.config_hash() == RunSpec(method="trustmae", category="widget", steps=1, fast=False).config_hash()
     assert cl.config_hash() != base.config_hash() and run_dir_for(cl).name.split("-")[-2] == "cl"
     a, b = fit(base, tmp_path / "nchw", progress=False), fit(cl, tmp_path / "cl", progress=False)
     assert not load_checkpoint(a.run_dir / CHECKPOINT)["channels_last"]
@@ -377,7 +398,7 @@ def test_channels_last_training_on_the_cpu_is_keyed_apart_and_agrees_up_to_round
 def test_the_fast_path_is_keyed_apart_folds_the_backbone_and_agrees_up_to_rounding(tmp_path):
     from trustmae_lib.engine.evaluate import _backbone_for, score
 
-    base = RunSpec(method="trustmae", category="widget", steps=1)
+    base = RunSpec(method="trustmae", category="widget", steps=1, fast=False)
     fast = RunSpec(method="trustmae", category="widget", steps=1, fast=True)
     assert fast.config_hash() != base.config_hash() and run_dir_for(fast).name.split("-")[-2] == "fast"
     a, b = fit(base, tmp_path / "base", progress=False), fit(fast, tmp_path / "fast", progress=False)
@@ -399,7 +420,7 @@ def test_a_run_trains_and_scores_with_its_own_thread_count_whatever_the_process_
     from trustmae_lib.io import read_json
 
     spec = RunSpec(method="trustmae", category="widget", steps=2)
-    assert spec.threads == 1 and run_dir_for(spec).name.split("-")[-2] == "s0"  # default: unkeyed, no suffix
+    assert spec.threads == 1 and run_dir_for(spec).name.split("-")[-2] == "fast"  # default: unkeyed, no suffix
     before = torch.get_num_threads()
     runs = {}
     try:

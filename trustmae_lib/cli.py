@@ -159,9 +159,15 @@ def _spec_from_args(args: argparse.Namespace):
         dataset = str(path.resolve())  # one spelling per folder, so the config hash is stable
     return RunSpec(dataset=dataset, category=args.category, noise_ratio=ratio, protocol=args.protocol,
                    method=args.method, profile=args.profile, seed=args.seed, backbone=args.backbone or "",
-                   steps=args.steps, reading=args.reading or "",
-                   channels_last=bool(getattr(args, "channels_last", False)), fast=bool(getattr(args, "fast", False)),
+                   steps=args.steps, reading=_reading(getattr(args, "reading", None)),
+                   channels_last=bool(getattr(args, "channels_last", False)), fast=getattr(args, "fast", None),
                    threads=int(getattr(args, "threads", 1)), augment=getattr(args, "augment", "auto"))  # fmt: skip
+
+
+def _reading(name: str | None) -> str | None:
+    """``--reading``: ``None`` (not given) runs the method's default, ``literal`` (or ``""``) the supplement-literal
+    construction, anything else a key of READINGS."""
+    return "" if name in ("literal", "") else name
 
 
 def _contamination(args: argparse.Namespace) -> float | None:
@@ -298,10 +304,12 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=0, help="training steps override (default: the profile's)")
     p.add_argument(
         "--reading",
-        default="",
-        choices=["", *READINGS],
+        default=None,
+        choices=["literal", "", *READINGS],
         metavar="NAME",
-        help=f"alternative reading of an open choice (TrustMAE only): {', '.join(READINGS)}",
+        help="reading of the choices the supplement leaves open (default: the method's own -- the learned memory "
+        "'ema' for TrustMAE, 'shrink2m_lr2e3' for MemAE); 'literal' for the supplement-literal construction (the "
+        f"default up to 0.1.0); others: {', '.join(READINGS)}",
     )
     p.add_argument(
         "--channels-last",
@@ -310,9 +318,11 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--fast",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="the speed path of chapter 14: channels-last and the perceptual backbone's BatchNorm folded into its "
-        "convolutions (~1.4x faster per TrustMAE step; equal up to float rounding; its own run folder, suffix -fast)",
+        "convolutions (~1.4x faster per TrustMAE step; equal up to float rounding; suffix -fast). On by default "
+        "since 0.2.0; --no-fast trains as up to 0.1.0",
     )
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads the run trains and is scored with (default 1: reproducible; others are keyed "

@@ -332,6 +332,25 @@ def reading_methods(reading: str) -> tuple[str, ...]:
     return tuple(READINGS[reading].get("methods", TRUSTMAE_METHODS))
 
 
+#: The reading a run gets when it names none (:class:`RunSpec` ``reading=None``), per method; since 0.2.0 the learned
+#: memory of chapter 4 for TrustMAE and *w/o TR*, and for MemAE the shrinkage threshold and learning rate chosen on
+#: validation copies in chapter 13 -- the settings of the noise study's core. ``""`` (no overrides) is the
+#: supplement-literal construction, the default up to 0.1.0: slots optimised by Adam from one batch's features,
+#: addressed in the encoder's ReLU features; MemAE at the official code's threshold 0.0025 and Adam lr 1e-4.
+DEFAULT_READINGS: dict[str, str] = {"trustmae": "ema", "trustmae_no_tr": "ema", "memae": "shrink2m_lr2e3"}
+
+
+def default_reading(method: str) -> str:
+    """The reading ``method`` runs under when none is named (``""`` for methods without readings)."""
+    return DEFAULT_READINGS.get(method, "")
+
+
+#: The version of the code that produced a result, as its config hash sees it. Bumped when a change alters the
+#: numbers of an unchanged :class:`RunSpec`; 0.2.0 changed which spec is the default (the reading and the speed path),
+#: which the spec itself tells apart, so results keyed under 0.1.0 stay valid and keep their files.
+RESULTS_VERSION = "0.1.0"
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One training run: what to train on, how, under which profile and seed.
@@ -349,7 +368,9 @@ class RunSpec:
     seed: int = 0
     backbone: str = ""  # "" -> the profile's backbone
     steps: int = 0  # 0 -> the profile's steps
-    reading: str = ""  # "" -> the library's reading; else a key of READINGS (TrustMAE methods only)
+    # None -> the method's default reading (DEFAULT_READINGS: since 0.2.0 the learned memory, `ema`, for TrustMAE);
+    # "" -> the supplement-literal construction (the default up to 0.1.0); else a key of READINGS.
+    reading: str | None = None
     # Engineering, not method: train in the channels-last memory layout on the CPU too (always on for CUDA).
     # About 1.15x faster at the cpu profile (bench_train's step, sweep_time's cells); the weights differ from the
     # default NCHW run by float rounding, so such a run is keyed apart (own hash, run name suffix "-cl").
@@ -357,9 +378,9 @@ class RunSpec:
     # Engineering, not method: the speed path of chapter 14 -- the channels-last layout (as above) and the frozen
     # perceptual backbone's BatchNorm folded into its convolutions, in training and in scoring. The same function up
     # to float rounding; about 1.4-1.5x faster per TrustMAE step at the cpu profile (results/bench/speedup.json).
-    # Keyed apart like channels_last (own hash, run name suffix "-fast") until a recompute of the committed results
-    # makes it the default.
-    fast: bool = False
+    # None -> on for every trained method (the default since 0.2.0; off up to 0.1.0). Keyed like channels_last (own
+    # hash, run name suffix "-fast"), so the results computed without it keep theirs.
+    fast: bool | None = None
     # CPU threads the run trains and is scored with. The thread count changes the order of floating-point sums, so
     # a result is reproducible only with its count: fixed per run (default 1, as every committed cell), recorded,
     # and keyed when it is not the default (own hash, run name suffix "-t<n>").
@@ -374,6 +395,11 @@ class RunSpec:
             close = difflib.get_close_matches(self.method, ALL_METHODS, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise TrustMAEError(f"unknown method '{self.method}'{hint}; choose one of {', '.join(ALL_METHODS)}")
+        # The defaults are resolved here, so a spec always says which reading and path it runs (and hashes them).
+        if self.reading is None:
+            object.__setattr__(self, "reading", default_reading(self.method))
+        if self.fast is None:
+            object.__setattr__(self, "fast", self.method not in REFERENCE_METHODS)
         if self.protocol not in PROTOCOLS:
             raise TrustMAEError(f"unknown noise protocol '{self.protocol}'; choose one of {', '.join(PROTOCOLS)}")
         if not 0.0 <= float(self.noise_ratio) <= 0.9:
@@ -415,16 +441,15 @@ class RunSpec:
     def config_hash(self) -> str:
         """Hash of the spec, the resolved profile, the library version, the loss weights and the version of an
         embedded category's images (12 hex digits)."""
-        from trustmae_lib import __version__
-
-        # The library version and the Eq. 9 weights are part of the key: a changed default invalidates old runs.
-        # The default reading, layout, speed path, thread count and augmentation are left out of the spec, so cells
-        # from before they existed keep their hash.
+        # The results version and the Eq. 9 weights are part of the key: a change of the numbers invalidates old runs.
+        # The reading, layout, speed path, thread count and augmentation are left out of the spec when they have
+        # their values of 0.1.0 (before they existed, or before 0.2.0 changed the defaults), so those cells keep
+        # their hash; any other value is keyed.
         defaults = {"reading": "", "channels_last": False, "fast": False, "threads": 1, "augment": "auto"}
         spec = {k: v for k, v in self.to_dict().items() if k not in defaults or v != defaults[k]}
         if self.reading:
             spec["reading_overrides"] = READINGS[self.reading]
-        key = {"spec": spec, "profile": self.load_profile().to_dict(), "version": __version__,
+        key = {"spec": spec, "profile": self.load_profile().to_dict(), "version": RESULTS_VERSION,
                "loss_weights": dataclasses.asdict(LossWeights())}  # fmt: skip
         if category_version(self.dataset, self.category) != 1:  # the images changed: earlier results are stale
             key["data_version"] = category_version(self.dataset, self.category)

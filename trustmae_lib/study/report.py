@@ -429,10 +429,10 @@ def readings_table(frame: pd.DataFrame, metric: str = "image_auroc") -> pd.DataF
         out.append(
             {
                 "noise %": int(round(100 * noise)),
-                "reading": reading or "default",
-                "what it changes": READINGS[reading]["why"] if reading else "the library's reading (chapter 4)",
+                "reading": reading or "literal",
+                "what it changes": READINGS[reading]["why"] if reading else "the supplement-literal memory (chapter 3)",
                 "TrustMAE": _fmt_seeds(a),
-                "w/o TR": f"{_fmt_seeds(b)} ({against or 'default'})" if len(b) else "--",
+                "w/o TR": f"{_fmt_seeds(b)} ({against or 'literal'})" if len(b) else "--",
                 "gap": round(gap.mean(), 1) if len(gap) else np.nan,
                 "gap std": round(spread, 1) if len(gap) else np.nan,
                 "per seed": tuple(round(float(v), 1) for v in gap),

@@ -65,9 +65,12 @@ class SweepConfig:
     seeds: tuple = (0, 1, 2)
     protocol: str = "overlap"
     steps: int | dict = 0  # training steps: one number for every method, or {method: steps}; 0 = the profile's
-    readings: tuple | dict = ("",)  # readings (config.READINGS) of TrustMAE cells, or {method: [...]}; "" = default
+    # Readings (config.READINGS) of the TrustMAE cells, or {method: [...]}; a method given none runs its default
+    # reading (config.DEFAULT_READINGS; "" in a list is the supplement-literal construction, the default up to 0.1.0).
+    readings: tuple | dict | None = None
     channels_last: bool = False  # train every trained cell channels-last on the CPU too (RunSpec.channels_last)
-    fast: bool = False  # train and score every trained cell on the speed path (RunSpec.fast)
+    # Train and score every trained cell on the speed path (RunSpec.fast); None = the library default (on since 0.2.0).
+    fast: bool | None = None
     results: str = ""  # folder of result files; default results/<profile>
     runs: str = ""  # folder of run folders (checkpoints); default runs/<profile>
 
@@ -85,7 +88,7 @@ class SweepConfig:
                 steps=self.steps_for(m),
                 reading=v,
                 channels_last=self.channels_last and m not in REFERENCE_METHODS,
-                fast=self.fast and m not in REFERENCE_METHODS,
+                fast=None if self.fast is None else self.fast and m not in REFERENCE_METHODS,
             )
             for d, categories in self.datasets.items()
             for c in categories
@@ -104,11 +107,11 @@ class SweepConfig:
         return int(self.steps)
 
     def readings_for(self, method: str) -> tuple:
-        """Readings of ``method``'s cells (only the TrustMAE methods take any; ``""`` = the library's)."""
+        """Readings of ``method``'s cells (``None``: the method's default reading, config.DEFAULT_READINGS)."""
         if isinstance(self.readings, dict):
-            return tuple(self.readings.get(method, ("",)))
-        if not is_trustmae(method):  # a plain list is for the TrustMAE methods; a mapping names other methods
-            return ("",)
+            return tuple(self.readings.get(method, (None,)))
+        if self.readings is None or not is_trustmae(method):  # a plain list is for the TrustMAE methods only
+            return (None,)
         return tuple(self.readings)
 
     @property
@@ -159,16 +162,17 @@ def load_sweep(name_or_path: str | Path) -> SweepConfig:
     unknown = [m for m in raw.get("methods", ()) if m not in ALL_METHODS]
     if unknown:
         raise TrustMAEError(f"{path}: unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
-    readings = raw.get("readings", [""])
+    readings = raw.get("readings", [None])
     lists = list(readings.values()) if isinstance(readings, dict) else [readings]
     if not all(isinstance(v, list) and v for v in lists) or (
         isinstance(readings, dict) and any(m not in METHODS for m in readings)
     ):
         raise TrustMAEError(f"{path}: 'readings' must be a non-empty list or a mapping method: list, got {readings!r}")
-    unknown = sorted({v for v in sum(lists, []) if v not in READINGS and v != ""})
+    unknown = sorted({str(v) for v in sum(lists, []) if v not in READINGS and v not in ("", None)})
     if unknown:
         raise TrustMAEError(f"{path}: unknown reading(s) {unknown}; choose from {', '.join(READINGS)} or ''")
-    raw["readings"] = {m: tuple(v) for m, v in readings.items()} if isinstance(readings, dict) else tuple(readings)
+    if "readings" in raw:
+        raw["readings"] = {m: tuple(v) for m, v in readings.items()} if isinstance(readings, dict) else tuple(readings)
     steps = raw.get("steps", 0)
     values = list(steps.values()) if isinstance(steps, dict) else [steps]
     if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values) or (
@@ -178,7 +182,7 @@ def load_sweep(name_or_path: str | Path) -> SweepConfig:
             f"{path}: 'steps' must be a whole number >= 0 (0 = the profile's) or a mapping method: steps, got {steps!r}"
         )
     for key in ("channels_last", "fast"):
-        if not isinstance(raw.get(key, False), bool):
+        if key in raw and not isinstance(raw[key], bool):
             raise TrustMAEError(f"{path}: '{key}' must be true or false, got {raw[key]!r}")
     if raw.get("protocol", "overlap") not in PROTOCOLS:
         raise TrustMAEError(f"{path}: protocol must be one of {', '.join(PROTOCOLS)}")
