@@ -103,6 +103,7 @@ memory-validation: validation-data
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_lr_validation --fresh --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_steps300_validation --fresh --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_steps_validation --fresh --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_memory_lr_steps_validation --fresh --jobs 2
 
 memory: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory --fresh --jobs 2

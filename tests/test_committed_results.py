@@ -40,6 +40,7 @@ COMMITTED = (
     "sweep_cpu_memory_lr_validation",
     "sweep_cpu_memory_steps300_validation",
     "sweep_cpu_memory_steps_validation",
+    "sweep_cpu_memory_lr_steps_validation",
     "sweep_cpu_memae_validation",
     "sweep_cpu_memae_lr_validation",
     "sweep_cpu_memae",
@@ -50,6 +51,7 @@ COMMITTED = (
 #: first study's settings (the supplement-literal reading, the float32 NCHW path: the defaults up to 0.1.0).
 CELL = RunSpec(dataset="synthetic", category="widget", noise_ratio=0.1, method="trustmae", profile="cpu", seed=0,
                steps=300, reading="", fast=False)  # fmt: skip
+CELL_SWEEP = "sweep_cpu"
 
 
 @pytest.mark.parametrize("name", COMMITTED)
@@ -64,7 +66,7 @@ def test_every_committed_cell_is_current(name):
 
 
 def test_the_cell_is_part_of_the_committed_grid():
-    assert CELL in sweep.load_sweep("sweep_cpu").grid()
+    assert CELL in sweep.load_sweep(CELL_SWEEP).grid()
 
 
 #: Allowed distance from the group's mean, in standard deviations of its committed seeds (another platform).
@@ -119,7 +121,7 @@ def test_agreement_is_exact_on_one_platform_and_within_the_spread_elsewhere():
 
 @pytest.mark.slow
 def test_one_cell_recomputed_from_scratch_agrees_with_the_committed_result(tmp_path):
-    config = sweep.load_sweep("sweep_cpu")
+    config = sweep.load_sweep(CELL_SWEEP)
     committed = read_json(sweep.result_path(CELL, config.results_dir))
     threads = torch.get_num_threads()
     try:
