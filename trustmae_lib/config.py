@@ -439,8 +439,8 @@ class RunSpec:
         return dataclasses.asdict(self)
 
     def config_hash(self) -> str:
-        """Hash of the spec, the resolved profile, the library version, the loss weights and the version of an
-        embedded category's images (12 hex digits)."""
+        """Hash of the spec, the resolved profile, the results version (:data:`RESULTS_VERSION`), the loss weights and
+        the version of an embedded category's images (12 hex digits)."""
         # The results version and the Eq. 9 weights are part of the key: a change of the numbers invalidates old runs.
         # The reading, layout, speed path, thread count and augmentation are left out of the spec when they have
         # their values of 0.1.0 (before they existed, or before 0.2.0 changed the defaults), so those cells keep
