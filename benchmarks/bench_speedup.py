@@ -8,7 +8,11 @@ generator, both Adam updates) built as :mod:`bench_train` builds it:
   backbone padded on every call as the wheel ships it, the SSIM's statistics filtered as one stack
   (``bench_changes.backbone_before`` and ``ssim_before``). The same numbers as the first study's committed results;
 * ``default`` -- the library's default configuration as it is now (since 0.2.0: the learned memory, reading
-  ``ema``, on the speed path): what a run that names neither gets;
+  ``ema``, on the speed path) on a fixed-orientation category (the widget, as the noise study's core), so that the
+  step gathers its perceptual targets from those kept for the run (exact change 7,
+  :meth:`~trustmae_lib.engine.methods.TrustMAEMethod.cache_targets`): what a run that names neither gets;
+* ``default-nokeep`` -- the same step with the targets computed in every step (as before change 7, the same
+  numbers), so that ``default`` against it is what keeping them buys;
 * ``after`` -- the speed path, :attr:`trustmae_lib.config.RunSpec.fast` (channels-last, the frozen backbone's
   BatchNorm folded into its convolutions), on the supplement-literal memory: ``before``'s function up to rounding,
   so ``speedup`` is the engineering alone;
@@ -23,12 +27,12 @@ whose speed drifts -- a shared host -- slows every arm alike; the median of each
 each thread count of ``--thread-counts`` (2: one run on 2 cores, as ``bench_train``; 1: one worker of a ``--jobs 2``
 sweep).
 The float32 and bf16 matmul limits are measured in the same process at each thread count. Then the PyTorch
-profiler attributes one step of ``before`` and of ``after`` to the parts of the network (:mod:`profile_step`).
+profiler attributes one step of ``before``, ``after`` and ``default`` to the parts of the network
+(:mod:`profile_step`).
 
 Writes ``results/bench/speedup.json``: ``before_ms``, ``after_ms``, ``speedup``, ``ratio_to_matmul`` (of the
 after arm, at the first thread count), ``default_ms`` and ``speedup_default`` (the default configuration against
-``before``), every arm at every thread count, the parts (``before``: the default configuration as it is now), and
-the machine block.
+``before``), ``ratio_to_matmul_default``, every arm at every thread count, the parts, and the machine block.
 
 Usage::
 
@@ -54,15 +58,18 @@ from bench_train import StepBench  # noqa: E402
 from trustmae_lib.config import load_profile  # noqa: E402
 from trustmae_lib.utils import native_bf16  # noqa: E402
 
-ARMS = ("before", "default", "after", "after+bf16", "after+compile")
+ARMS = ("before", "default", "default-nokeep", "after", "after+bf16", "after+compile")
 
 
 def build(arm: str, profile, device) -> StepBench:
     """The step of one arm (same seed, same data, same initial weights for every arm)."""
     amp = torch.bfloat16 if arm == "after+bf16" else None
-    default = arm == "default"  # the library's defaults (reading, speed path); the other arms pin the literal memory
+    default = arm.startswith("default")  # the library's defaults (reading, speed path); others: the literal memory
     bench = StepBench("trustmae", profile, device, amp=amp, category="widget", seed=0,
-                      fast=None if default else arm != "before", reading=None if default else "")  # fmt: skip
+                      fast=None if default else arm != "before", reading=None if default else "",
+                      fixed_orientation=default)  # fmt: skip
+    if arm == "default-nokeep":
+        bench.method.targets = None  # phi(x) in every step, as before change 7
     if arm == "before":  # undo the exact changes: the shipped backbone's padding, the one-stack SSIM
         from unittest import mock
 
@@ -109,7 +116,7 @@ def measure_threads(threads: int, names, profile, device, args) -> dict:
     """Every arm at ``threads`` CPU threads: step times, FLOPs, the limits and the ratios."""
     torch.set_num_threads(threads)
     arms = {name: build(name, profile, device) for name in names}
-    flops = {name: common.count_flops(lambda b=b: b.method.step(b.data(0), 1)) for name, b in arms.items()}
+    flops = {name: common.count_flops(lambda b=b: b.once(0)) for name, b in arms.items()}
     compile_s = {name: compile_in_place(b) for name, b in arms.items() if name.endswith("compile")}  # eager FLOPs
     idle = common.wait_idle(args.wait_idle)
     lim = common.limits(device, args.matmul_size)
@@ -136,10 +143,13 @@ def measure_threads(threads: int, names, profile, device, args) -> dict:
 
 
 def parts(profile, device, warmup: int) -> dict:
-    """Forward and backward milliseconds per part of the network, ``before`` and ``after`` (one profiled step)."""
+    """Forward and backward milliseconds per part of the network, ``before``, ``after`` and ``default`` (one
+    profiled step each; ``before`` here is 0.1.0's default without undoing the exact changes)."""
     out = {}
-    for name, fast in (("before", False), ("after", True)):
-        row = profile_step.profile_one(profile, "nchw", device, max(1, warmup), fast=fast)
+    arms = {"before": {"fast": False}, "after": {"fast": True},
+            "default": {"fast": None, "reading": None, "fixed_orientation": True}}  # fmt: skip
+    for name, kw in arms.items():
+        row = profile_step.profile_one(profile, "nchw", device, max(1, warmup), **kw)
         out[name] = {
             "step_ms_profiled": row["step_ms_profiled"],
             "parts": row["parts"],
@@ -186,7 +196,10 @@ def main(argv=None) -> int:
             "before": "the step as the performance issue found it: library default of 0.1.0 (the literal memory, NCHW, "
             "RunSpec.fast = False) with "
             "the backbone padded on every call as the wheel ships it and the one-stack SSIM (the same numbers)",
-            "default": "library default as it is now (0.2.0: the learned memory, reading ema, on the speed path)",
+            "default": "library default as it is now (0.2.0: the learned memory, reading ema, on the speed path; "
+            "a fixed-orientation category, so the perceptual targets are kept for the run: exact change 7)",
+            "default-nokeep": "default with the perceptual targets computed in every step (before change 7; the "
+            "same numbers)",
             "after": "speed path (RunSpec.fast = True): channels-last, backbone BatchNorm folded into its "
             "convolutions; the literal memory, as before",
             "after+bf16": "speed path under bfloat16 autocast (native-bf16 CPUs only; not a default)",
@@ -201,6 +214,8 @@ def main(argv=None) -> int:
         "speedup_default": first["arms"]["default"]["speedup"],
         "ratio_to_matmul": first["arms"]["after"]["ratio_to_matmul"],
         "ratio_to_matmul_before": first["arms"]["before"]["ratio_to_matmul"],
+        "ratio_to_matmul_default": first["arms"]["default"]["ratio_to_matmul"],
+        "default_nokeep_ms": first["arms"]["default-nokeep"]["step_ms"],
         "float32_limit_gflops": round(first["limits"]["float32"]["gflops"], 2),
         "bfloat16_limit_gflops": round(first["limits"]["bfloat16"]["gflops"], 2),
         "by_threads": rows,

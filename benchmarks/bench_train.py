@@ -71,10 +71,14 @@ class StepBench:
             backbone's BatchNorm folded into its convolutions); ``None``: the library's default (on since 0.2.0).
         reading: the reading (:data:`trustmae_lib.config.READINGS`); ``""`` (default here) the supplement-literal
             construction that the committed benchmark files measured, ``None`` the method's default reading.
+        fixed_orientation: draw batches as for a fixed-orientation category (the widget, the solar cells: no flips
+            or turns); then, as in ``fit``, the step gathers its perceptual targets from the training set's
+            (:meth:`~trustmae_lib.engine.methods.TrustMAEMethod.cache_targets`). ``False`` (default here): flips and
+            turns, the targets computed in every step, as the committed benchmark files measured.
     """
 
     def __init__(self, method, profile, device, channels_last=False, amp=None, category="brick", seed=0, fast=False,
-                 reading: str | None = ""):  # fmt: skip
+                 reading: str | None = "", fixed_orientation: bool = False):  # fmt: skip
         spec = RunSpec(category=category, method=method, profile=profile.name, seed=seed, fast=fast, reading=reading)
         channels_last = channels_last or spec.fast  # the speed path trains channels-last (RunSpec.fast)
         self.device, self.channels_last, self.seed, self.spec = device, channels_last, seed, spec
@@ -92,16 +96,19 @@ class StepBench:
             gen = torch.Generator().manual_seed(seed)
             self.images = (torch.rand(self.n, 3, self.size, self.size, generator=gen) * 2 - 1).to(device)
             self.masks = torch.zeros(self.n, 1, self.size, self.size, device=device)
-            init = spec.reading_overrides("init").get("memory_init", profile.memory_init)  # as fit() starts
-            if is_trustmae(method) and init == "kmeans":
+            init = methods.memory_init_rule(spec, profile)  # as fit() starts
+            if init == "kmeans":
                 methods.init_memory_kmeans(models["model"], self.images, self.batch, seed=seed)
-            if is_trustmae(method) and init == "features":
+            if init == "features":
                 first = self.images[prepare.batch_indices(0, self.n, self.batch, seed).to(device)]
                 if channels_last:
                     first = first.contiguous(memory_format=torch.channels_last)
                 methods.init_memory_from_features(models["model"], first, seed=seed)
             cls = methods.TrustMAEMethod if is_trustmae(method) else methods.BaselineMethod
             self.method = cls(spec, profile, models, dict(models), device, amp, None)
+            self.fixed_orientation = fixed_orientation
+            if fixed_orientation and self.crop is None:  # as fit() does: every batch is images[idx] unchanged
+                self.method.cache_targets(self.images, self.batch, channels_last)
         self.backbone_weights = used.get("weights")
         self.models = models
         for m in models.values():
@@ -115,29 +122,37 @@ class StepBench:
 
     def data(self, step: int) -> torch.Tensor:
         """The batch of ``step``, drawn as in the training loop: ``(B, 3, S, S)``."""
+        return self.batch_and_index(step)[0]
+
+    def batch_and_index(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of ``step`` and its rows of the training tensor, drawn as in the training loop."""
         idx = prepare.batch_indices(step, self.n, self.batch, self.seed).to(self.device)
         gen = torch.Generator().manual_seed(prepare.mix_seed(self.seed, step, 0))
-        x = prepare.training_batch(self.images, self.masks, idx, self.crop, False, gen)
+        x = prepare.training_batch(self.images, self.masks, idx, self.crop, self.fixed_orientation, gen)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return x, idx
+
+    def once(self, step: int) -> dict[str, float]:
+        """Train on the batch of ``step`` untimed (e.g. to count its FLOPs); returns the step's log values."""
+        x, idx = self.batch_and_index(step)
+        return self.method.step(x, step + 1, index=idx)
 
     def step(self, step: int) -> tuple[float, float]:
         """Draw the batch and run one training step; returns ``(data seconds, step seconds)``."""
         common.sync(self.device)
         t0 = time.perf_counter()
-        x = self.data(step)
+        x, idx = self.batch_and_index(step)
         common.sync(self.device)
         t1 = time.perf_counter()
-        self.method.step(x, step + 1)
+        self.method.step(x, step + 1, index=idx)
         common.sync(self.device)
         return t1 - t0, time.perf_counter() - t1
 
 
 def measure(bench: StepBench, args, compile_: bool, repeats: int, amp) -> dict:
     """FLOPs of one step (eager), warm-up steps, a fresh matmul limit, then ``repeats`` timed steps."""
-    x = bench.data(0)
-    flops = common.count_flops(lambda: bench.method.step(x, 1))
+    flops = common.count_flops(lambda: bench.once(0))
     if compile_:
         bench.compile()
     for i in range(args.warmup):

@@ -118,9 +118,8 @@ def leaf_layers(nets: dict[str, nn.Module]) -> dict[str, tuple[str, nn.Module]]:
 
 def layer_flops(bench: StepBench, step: int) -> dict[str, int]:
     """FLOPs per module name (forward + backward) of one step, from ``FlopCounterMode``."""
-    x = bench.data(step)
     with FlopCounterMode(display=False, depth=None) as counter:
-        bench.method.step(x, step + 1)
+        bench.once(step)
     return {k: int(sum(v.values())) for k, v in counter.get_flop_counts().items()}
 
 
@@ -167,10 +166,21 @@ def analyse(events, layer_names: set[str], part_names: set[str]) -> dict:
     return {"categories": cats, "ops": ops, "fwd": fwd, "bwd": bwd}
 
 
-def profile_one(profile, layout: str, device, warmup: int, wait_idle: float = 0.0, fast: bool = False) -> dict:
+def profile_one(
+    profile,
+    layout: str,
+    device,
+    warmup: int,
+    wait_idle: float = 0.0,
+    fast: bool | None = False,
+    reading: str | None = "",
+    fixed_orientation: bool = False,
+) -> dict:
     """One profiled TrustMAE step of ``profile`` in ``layout`` (``fast``: the library's speed path, channels-last
-    with the backbone's BatchNorm folded)."""
-    bench = StepBench("trustmae", profile, device, channels_last=layout == "channels_last", fast=fast)
+    with the backbone's BatchNorm folded; ``reading`` and ``fixed_orientation`` as for :class:`StepBench`)."""
+    bench = StepBench("trustmae", profile, device, channels_last=layout == "channels_last", fast=fast,
+                      reading=reading, fixed_orientation=fixed_orientation)  # fmt: skip
+    fast = bench.spec.fast
     layout = "channels_last" if fast else layout
     nets = networks(bench)
     layers = leaf_layers(nets)

@@ -179,10 +179,15 @@ def test_bench_speedup_schema_interleaves_the_arms_and_profiles_both(tmp_path, k
     assert data["kind"] == "speedup" and data["profile"] == "smoke" and data["threads"] == 1
     assert {"cpu", "cpu_capability", "native_bf16", "torch"} <= set(data["machine"])
     (row,) = data["by_threads"]
-    assert set(row["arms"]) == {"before", "default", "after"} | (
+    assert set(row["arms"]) == {"before", "default", "default-nokeep", "after"} | (
         {"after+bf16"} if data["machine"]["native_bf16"] else set()
     )
     assert data["default_ms"] == row["arms"]["default"]["step_ms"]
+    assert data["default_nokeep_ms"] == row["arms"]["default-nokeep"]["step_ms"]
+    # Kept targets (change 7): the default step skips the backbone's forward pass on x, and only that.
+    flop = {k: row["arms"][k]["gflop_per_step"] for k in ("default", "default-nokeep")}
+    assert 0 < flop["default"] < flop["default-nokeep"]
+    assert set(data["parts"]) == {"before", "after", "default"}
     assert math.isclose(data["speedup_default"], data["before_ms"] / data["default_ms"], rel_tol=1e-2)
     assert all(len(arm["step"]["runs_s"]) == 2 for arm in row["arms"].values())
     assert data["before_ms"] == row["arms"]["before"]["step_ms"] and data["after_ms"] == row["arms"]["after"]["step_ms"]

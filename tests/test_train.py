@@ -203,6 +203,41 @@ def test_different_seeds_give_different_runs_and_same_seed_the_same(tmp_path):
     assert not torch.equal(a.models["model"].state_dict()[first], c.models["model"].state_dict()[first])
 
 
+@pytest.mark.parametrize("category, cached", [("widget", True), ("brick", False)])
+def test_kept_perceptual_targets_train_the_same_network_to_the_last_bit(category, cached, tmp_path, monkeypatch):
+    # A fixed-orientation category's batches are rows of the training tensor, so the frozen backbone's features of
+    # x are computed once and gathered (methods.TARGET_CACHE_BYTES); a flipped/turned texture batch is not a row,
+    # so its targets must still be computed in every step. Either way the run equals the one that keeps nothing.
+    from trustmae_lib.engine import methods
+    from trustmae_lib.model.perceptual import PerceptualBackbone
+
+    calls = {"images": 0}
+    real_forward = PerceptualBackbone.forward
+
+    def counting_forward(self, x):
+        calls["images"] += x.shape[0]
+        return real_forward(self, x)
+
+    monkeypatch.setattr(PerceptualBackbone, "forward", counting_forward)
+    spec = RunSpec(method="trustmae", category=category, steps=5)  # 5 batches of 4 > 12 training images
+    profile = load_profile(spec.profile)
+    kept = fit(spec, tmp_path / "kept", progress=False)
+    seen, calls["images"] = calls["images"], 0
+    monkeypatch.setattr(methods, "TARGET_CACHE_BYTES", 0)  # keep nothing: phi(x) in every step, as before
+    plain = fit(spec, tmp_path / "plain", progress=False)
+    _same_weights(kept.models, plain.models)
+    terms = ("disc", "rec", "sm", "vgg", "gan", "feat", "trust", "total")
+    logged = [[[r[k] for k in terms] for r in iter_log(run.run_dir)] for run in (kept, plain)]
+    assert logged[0] == logged[1]
+    n_train = len(prepare(spec, profile)[2].train)
+    plain_images = calls["images"]
+    assert plain_images >= 2 * spec.steps * profile.batch_size  # x and G(x) in every step (and any after training)
+    # kept: every training image once instead of x in each step
+    saved = spec.steps * profile.batch_size - n_train if cached else 0
+    assert not cached or saved > 0
+    assert seen == plain_images - saved
+
+
 def test_recalibrate_batchnorm_recomputes_statistics_over_the_training_set():
     from trustmae_lib.engine.methods import recalibrate_batchnorm
 

@@ -34,6 +34,20 @@ from trustmae_lib.errors import TrustMAEError
 #: Adam betas of the adversarial training (reading: the hinge-GAN / pix2pixHD setting).
 GAN_BETAS = (0.5, 0.999)
 
+#: The most memory (bytes) that the training set's frozen perceptual targets may take to be computed once per run
+#: (:meth:`TrustMAEMethod.cache_targets`); above it (e.g. VGG-19 at 256 px on a large category) they are computed
+#: in every step, as before. About 0.45 MB per image at the ``cpu`` profile (EfficientNet-Lite0, 128 px).
+TARGET_CACHE_BYTES = 1 << 30
+
+
+def memory_init_rule(spec: RunSpec, profile: Profile) -> str | None:
+    """How a run starts its memory slots: the reading's ``memory_init`` (``kmeans`` under the default ``ema``), else
+    the profile's (``features`` in the shipped profiles); ``None`` for a method without TrustMAE's memory. The one
+    rule that :func:`~trustmae_lib.engine.train.fit`, the benchmarks and chapter 9's walk-through follow."""
+    if not spec.is_trustmae:
+        return None
+    return spec.reading_overrides("init").get("memory_init", profile.memory_init)
+
 
 def build_models(spec: RunSpec, profile: Profile) -> dict[str, nn.Module]:
     """The networks of ``spec.method`` (seed the RNG first for a reproducible initialisation).
@@ -222,7 +236,13 @@ class Method:
     optimizers: dict[str, torch.optim.Optimizer]
     backbone_info: dict
 
-    def step(self, x: Tensor, step: int) -> dict[str, float]:  # pragma: no cover - abstract
+    def cache_targets(self, images: Tensor, batch_size: int, channels_last: bool) -> int:
+        """Compute what the step needs of the training images alone once (the caller promises that every batch is
+        ``images[index]`` unchanged); returns the bytes kept, 0 for none. No baseline has such a target."""
+        return 0
+
+    def step(self, x: Tensor, step: int, index: Tensor | None = None) -> dict[str, float]:  # pragma: no cover
+        """One training step on the batch ``x`` (``index``: its rows of the training tensor, if it is one)."""
         raise NotImplementedError
 
 
@@ -243,8 +263,38 @@ class TrustMAEMethod(Method):
             "model": torch.optim.Adam(self.models["model"].parameters(), lr=lr, betas=GAN_BETAS),
             "discriminator": torch.optim.Adam(self.models["discriminator"].parameters(), lr=lr_disc, betas=GAN_BETAS),
         }
+        self.targets: list[Tensor] | None = None  # the frozen backbone's features of every training image, if kept
 
-    def step(self, x: Tensor, step: int) -> dict[str, float]:
+    @torch.no_grad()
+    def cache_targets(self, images: Tensor, batch_size: int, channels_last: bool) -> int:
+        """Keep Eq. 12's targets ``phi(x)`` -- the frozen backbone's features of every training image -- for the run.
+
+        The backbone is frozen and in eval mode, so ``phi(x)`` of a training image never changes; when every batch
+        is ``images[index]`` unchanged (no flips, turns or crops: the fixed-orientation categories, which include the
+        noise study's core) the step gathers them instead of running the backbone on ``x`` (about an eighth of the
+        ``cpu``-profile step, chapter 14). They are computed in batches of ``batch_size`` in the step's layout, and
+        the backbone's output for an image does not depend on the other images of its batch, so the run's numbers
+        are those of the uncached step to the last bit (``tests/test_train.py`` trains both and compares every
+        weight). Kept only up to :data:`TARGET_CACHE_BYTES`; returns the bytes kept (0: computed in every step).
+        """
+        self.targets = None
+        n = images.shape[0]
+        if TARGET_CACHE_BYTES <= 0 or n == 0:
+            return 0
+        kept: list[list[Tensor]] = []
+        for start in range(0, n, batch_size):
+            chunk = images[start : start + batch_size]
+            if channels_last:
+                chunk = chunk.contiguous(memory_format=torch.channels_last)
+            with self.autocast():
+                kept.append(self.backbone(chunk))
+            per_image = sum(f[0].numel() * f.element_size() for f in kept[0])
+            if per_image * n > TARGET_CACHE_BYTES:
+                return 0
+        self.targets = [torch.cat(level) for level in zip(*kept, strict=True)]
+        return sum(t.numel() * t.element_size() for t in self.targets)
+
+    def step(self, x: Tensor, step: int, index: Tensor | None = None) -> dict[str, float]:
         from trustmae_lib.model.losses import (
             feature_matching_loss,
             generator_loss,
@@ -275,8 +325,11 @@ class TrustMAEMethod(Method):
         disc_raw.requires_grad_(False)
         with self.autocast():
             logits, feats = disc_raw(torch.cat([x, recon.to(x.dtype)]))
-            with torch.no_grad():
-                feats_x = self.backbone(x)
+            if self.targets is not None and index is not None:  # cache_targets: x == images[index]
+                feats_x = [t[index] for t in self.targets]
+            else:
+                with torch.no_grad():
+                    feats_x = self.backbone(x)
             feats_r = self.backbone(recon.to(x.dtype))
         fake_logits = logits.float()[b:]
         real_feats = [f.float()[:b] for f in feats]
@@ -322,7 +375,7 @@ class BaselineMethod(Method):
         lr = self.spec.reading_overrides("train").get("lr")  # a reading's learning rate (MemAE's), else §B's
         self.optimizers = {"model": self.baseline.optimizer(self.models["model"], lr=lr)}
 
-    def step(self, x: Tensor, step: int) -> dict[str, float]:
+    def step(self, x: Tensor, step: int, index: Tensor | None = None) -> dict[str, float]:
         with self.autocast():
             out = self.wrapped["model"](x)
         out = out._replace(recon=out.recon.float(), weights=None if out.weights is None else out.weights.float())

@@ -50,6 +50,7 @@ from trustmae_lib.engine.methods import (
     build_models,
     init_memory_from_features,
     init_memory_kmeans,
+    memory_init_rule,
     recalibrate_batchnorm,
 )
 from trustmae_lib.engine.prepare import (
@@ -270,7 +271,7 @@ def _build(spec: RunSpec, profile: Profile, run_dir: Path, index, split, device,
             m.to(memory_format=torch.channels_last)
     size, crop = train_size(spec.method, profile, is_texture(spec.category, index.root))
     images = load_train_tensors(spec, profile, index, split, size).to(dev)
-    init = spec.reading_overrides("init").get("memory_init", profile.memory_init) if spec.is_trustmae else None
+    init = memory_init_rule(spec, profile)
     if fresh and init == "kmeans":
         init_memory_kmeans(models["model"], images, profile.batch_size, seed=spec.seed)
     if fresh and init == "features":
@@ -289,6 +290,8 @@ def _build(spec: RunSpec, profile: Profile, run_dir: Path, index, split, device,
     method = method_cls(spec, profile, models, wrapped, dev, amp_dtype, ddp)
     masks = images.new_zeros(images.shape[0], 1, *images.shape[-2:])
     augmented, reason = augmentation(spec, index)
+    if not augmented and crop is None:  # every batch is images[idx] unchanged: the frozen targets can be kept
+        method.cache_targets(images, profile.batch_size, channels_last)
     memory = getattr(models["model"], "memory", None)  # TrustMAE's and MemAE's MemoryModule (None: no memory)
     memory_init = memory.memory.detach().float().cpu().clone() if fresh and memory is not None else None
     return _Session(spec, profile, run_dir, split, not augmented, reason, dev, channels_last, models, method,
@@ -373,10 +376,10 @@ def _one_step(session: _Session) -> dict[str, float]:
     s = session
     t0 = time.perf_counter()
     try:
-        x = _draw_batch(s)
+        x, idx = _draw_batch(s)
         t1 = time.perf_counter()
         s.data_wait += t1 - t0
-        values = s.method.step(x, s.step + 1)
+        values = s.method.step(x, s.step + 1, index=idx)
     except TrustMAEError as err:
         raise TrustMAEError(f"training stopped: {err}; {_last_checkpoint(s)}") from None
     except (RuntimeError, MemoryError) as err:
@@ -388,14 +391,17 @@ def _one_step(session: _Session) -> dict[str, float]:
     return {**values, "step_s": round(time.perf_counter() - t0, 4), "data_s": round(t1 - t0, 4)}
 
 
-def _draw_batch(s: _Session) -> Tensor:
+def _draw_batch(s: _Session) -> tuple[Tensor, Tensor]:
+    """The step's batch and its rows of the training tensor (the batch is ``images[idx]`` itself only when the run
+    neither augments nor crops)."""
     global_batch = s.profile.batch_size * s.ddp.world_size
     idx = batch_indices(s.step, s.images.shape[0], global_batch, s.spec.seed, s.ddp.rank, s.ddp.world_size)
+    idx = idx.to(s.device)
     gen = torch.Generator().manual_seed(mix_seed(s.spec.seed, s.step, s.ddp.rank))
-    x = training_batch(s.images, s.masks, idx.to(s.device), s.crop, s.fixed_orientation, gen)
+    x = training_batch(s.images, s.masks, idx, s.crop, s.fixed_orientation, gen)
     if s.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    return x
+    return x, idx
 
 
 def _last_checkpoint(session: _Session) -> str:
