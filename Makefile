@@ -12,7 +12,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 EXECUTED := $(patsubst notebooks/%,book/%,$(NOTEBOOKS))
 export PYTHONHASHSEED := 0
 
-.PHONY: all install book data validation-data notebooks html test lint format dist reproduce reproduce-first reproduce-textures readings mechanism memory memory-grid memory-validation memae-validation memae seeds sweep bench bench-reproduce clean
+.PHONY: all install book data validation-data notebooks html test lint format dist reproduce reproduce-first reproduce-textures readings mechanism memory memory-grid memory-validation scoring-validation memae-validation memae seeds sweep bench bench-reproduce clean
 
 all: book
 
@@ -104,6 +104,13 @@ memory-validation: validation-data
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_steps300_validation --fresh --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_steps_validation --fresh --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_lr_steps_validation --fresh --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_memory_steps1200_validation --fresh --jobs 2
+
+# Chapter 10's scoring probe: the validation runs of 600 and 1200 steps re-scored with other combinations of the
+# per-layer perceptual distance (their checkpoints in runs/cpu_memory_validation; `make memory-validation` trains them).
+SCORING_SWEEPS := sweep_cpu_memory_steps_validation sweep_cpu_memory_steps1200_validation sweep_cpu_memory_lr_steps_validation
+scoring-validation: $(STAMP)
+	$(PY) -m trustmae_lib.study.layers results/analysis/scoring_layers_validation.json $(SCORING_SWEEPS)
 
 memory: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory --fresh --jobs 2

@@ -64,11 +64,24 @@ def perceptual_distance_map(
             "weights -- pass one weight per layer"
         )
     total = None
-    for fx, fy, w in zip(feats_x, feats_y, weights, strict=True):
-        d = (_normalise_channels(fx.float()) - _normalise_channels(fy.float())).pow(2).sum(1, keepdim=True)
-        d = F.interpolate(d, size=size, mode="bilinear", align_corners=False)  # (B, 1, H, W)
+    for d, w in zip(perceptual_distance_layers(feats_x, feats_y, size), weights, strict=True):
         total = w * d if total is None else total + w * d
     return total
+
+
+def perceptual_distance_layers(
+    feats_x: Sequence[Tensor], feats_y: Sequence[Tensor], size: tuple[int, int]
+) -> list[Tensor]:
+    """The unweighted terms of :func:`perceptual_distance_map`, one ``(B, 1, H, W)`` map per layer, shallow to deep:
+    channel-normalised squared feature difference, upsampled (bilinear) to ``size``."""
+    if len(feats_x) != len(feats_y):
+        raise TrustMAEError(f"perceptual_distance_layers: {len(feats_x)} and {len(feats_y)} feature maps -- pass "
+                            "the same backbone layers of both images")  # fmt: skip
+    maps = []
+    for fx, fy in zip(feats_x, feats_y, strict=True):
+        d = (_normalise_channels(fx.float()) - _normalise_channels(fy.float())).pow(2).sum(1, keepdim=True)
+        maps.append(F.interpolate(d, size=size, mode="bilinear", align_corners=False))  # (B, 1, H, W)
+    return maps
 
 
 def pixel_distance_map(x: Tensor, recon: Tensor) -> Tensor:
