@@ -92,6 +92,21 @@ def test_perceptual_map_is_a_weighted_sum_of_channel_normalised_layer_distances(
     assert float(got.min()) >= 0 and float(got.max()) <= 4 * 2.5 + 1e-5
 
 
+def test_weighted_sum_of_the_layer_maps_is_the_perceptual_map_to_the_bit():
+    from trustmae_lib.errors import TrustMAEError
+    from trustmae_lib.model.distance import perceptual_distance_layers, weighted_sum
+
+    g = torch.Generator().manual_seed(1)
+    fx = [torch.randn(2, c, s, s, generator=g) for c, s in ((4, 8), (6, 4), (8, 2))]
+    fy = [torch.randn(2, c, s, s, generator=g) for c, s in ((4, 8), (6, 4), (8, 2))]
+    weights = (0.3, 1.7, 0.9)
+    stacked = torch.cat(perceptual_distance_layers(fx, fy, (16, 16)), dim=1)  # (B, L, H, W), as the probe holds it
+    assert torch.equal(weighted_sum(stacked.split(1, dim=1), weights),
+                       ev.perceptual_distance_map(fx, fy, (16, 16), weights))  # fmt: skip
+    with pytest.raises(TrustMAEError, match="one weight per map"):
+        weighted_sum(stacked.split(1, dim=1), weights[:2])
+
+
 def test_metrics_agree_with_scikit_learn():
     labels, scores = [0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]
     assert ev.image_auroc(labels, scores) == pytest.approx(0.75)

@@ -63,8 +63,16 @@ def perceptual_distance_map(
             f"perceptual_distance_map: {len(feats_x)}, {len(feats_y)} feature maps and {len(weights)} "
             "weights -- pass one weight per layer"
         )
+    return weighted_sum(perceptual_distance_layers(feats_x, feats_y, size), weights)
+
+
+def weighted_sum(maps: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """``sum_l weights[l] * maps[l]``, added shallow to deep -- the one order every scoring of Eq. 12 uses, so that
+    re-weighting the per-layer maps with Eq. 12's weights gives :func:`perceptual_distance_map` to the bit."""
+    if len(maps) != len(weights):
+        raise TrustMAEError(f"weighted_sum: {len(maps)} maps and {len(weights)} weights -- pass one weight per map")
     total = None
-    for d, w in zip(perceptual_distance_layers(feats_x, feats_y, size), weights, strict=True):
+    for d, w in zip(maps, weights, strict=True):
         total = w * d if total is None else total + w * d
     return total
 

@@ -68,15 +68,6 @@ def layer_maps(trained, images: Tensor, batch_size: int = 16) -> Tensor:
     return torch.cat(out) if out else torch.zeros(0, len(backbone.layer_weights), size, size)
 
 
-def _weighted(maps: Tensor, weights: Sequence[float]) -> Tensor:
-    """``sum_l w_l maps[:, l]`` in layer order (the order :func:`perceptual_distance_map` adds in), ``(N, 1, S, S)``."""
-    total = None
-    for i, w in enumerate(weights):
-        d = maps[:, i : i + 1]
-        total = w * d if total is None else total + w * d
-    return total
-
-
 def image_scores(test: Tensor, train_mean: Sequence[float], weights: Sequence[float], sigma: float,
                  batch_size: int = 16) -> dict[str, np.ndarray]:  # fmt: skip
     """Every scoring of :data:`SCORINGS` from per-layer maps ``test (N, L, S, S)``.
@@ -91,7 +82,7 @@ def image_scores(test: Tensor, train_mean: Sequence[float], weights: Sequence[fl
     Returns:
         scoring name -> ``(N,)`` image scores.
     """
-    from trustmae_lib.model.distance import smooth
+    from trustmae_lib.model.distance import smooth, weighted_sum
 
     n_layers = test.shape[1]
     if not (len(weights) == len(train_mean) == n_layers):
@@ -104,7 +95,7 @@ def image_scores(test: Tensor, train_mean: Sequence[float], weights: Sequence[fl
     out: dict[str, list] = {name: [] for name in [*combos, "paper_top1"]}
     for chunk in test.split(batch_size):
         for name, w in combos.items():
-            m = smooth(_weighted(chunk, w), sigma)
+            m = smooth(weighted_sum(chunk.split(1, dim=1), w), sigma)
             out[name].append(m.amax((1, 2, 3)))
             if name == "paper":
                 k = max(1, round(TOP_FRACTION * m[0].numel()))
