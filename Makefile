@@ -12,7 +12,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 EXECUTED := $(patsubst notebooks/%,book/%,$(NOTEBOOKS))
 export PYTHONHASHSEED := 0
 
-.PHONY: all install book data validation-data notebooks html test lint format dist reproduce reproduce-first reproduce-textures readings mechanism memory memory-grid memory-validation scoring-validation memory-budget memae-validation memae seeds sweep bench bench-reproduce clean
+.PHONY: all install book data validation-data notebooks html test lint format dist reproduce reproduce-first reproduce-textures readings mechanism memory memory-grid memory-validation scoring-validation memory-budget memory-1200 memae-validation memae seeds sweep bench bench-reproduce clean
 
 all: book
 
@@ -115,6 +115,13 @@ scoring-validation: $(STAMP)
 # The budget the validation copies chose (1200 steps), measured on the book's solar cells, clean (chapter 4).
 memory-budget: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_steps1200 --fresh --jobs 2
+
+# The noise study's first piece at that budget (chapter 12): TrustMAE and w/o TR on elpv/mono, clean and at 40 %, five
+# seeds, 1200 steps (its clean TrustMAE cells are memory-budget's, same files); and TrustMAE clean on the brick
+# texture at 1200 steps (chapter 4).
+memory-1200: $(STAMP)
+	$(PY) -m trustmae_lib sweep sweep_cpu_memory1200 --fresh --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_memory_texture1200 --fresh --jobs 2
 
 memory: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory --fresh --jobs 2

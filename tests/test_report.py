@@ -296,3 +296,25 @@ def test_paper_comparison_reads_the_cells_of_the_given_readings():
     without = viz.paper_comparison(frame[~frame["method"].isin(["trustmae", "trustmae_no_tr", "memae"])]).axes
     assert len(library[0].get_lines()) == len(without[0].get_lines()) < len(top.get_lines())
     assert len(library[1].get_lines()) == len(without[1].get_lines()) < len(bottom.get_lines())
+
+
+def test_budget_panels_draw_one_panel_per_budget_with_seed_lines_and_means():
+    import matplotlib
+    import pandas as pd
+
+    matplotlib.use("Agg")
+    from trustmae_lib.study import viz
+
+    rows = [{"method": m, "noise": n, "seed": s, "steps": steps,
+             "image_auroc": base + (0.05 if steps == 1200 else 0.0) - (0.1 * n if m == "trustmae_no_tr" else 0.0)
+             + 0.01 * s}
+            for steps in (1200, 300) for m, base in (("trustmae", 0.8), ("trustmae_no_tr", 0.8))
+            for n in (0.0, 0.4) for s in (0, 1, 2)]  # fmt: skip
+    rows.append({"method": "ae_l2", "noise": 0.0, "seed": 0, "steps": 300, "image_auroc": 0.5})  # not asked for
+    fig = viz.budget_panels(pd.DataFrame(rows), {"trustmae": "TrustMAE", "trustmae_no_tr": "w/o TR"})
+    short, long = fig.axes  # the shorter budget first
+    assert short.get_title() == "300 steps" and long.get_title() == "1200 steps"
+    assert len(short.get_lines()) == 2 * (3 + 1)  # per method: a line per seed and one through the means
+    means = {line.get_label(): line.get_ydata() for line in long.get_lines() if "mean" in line.get_label()}
+    assert means["TrustMAE (mean of 3 seeds)"] == pytest.approx([86.0, 86.0])
+    assert means["w/o TR (mean of 3 seeds)"] == pytest.approx([86.0, 82.0])

@@ -246,6 +246,47 @@ def protocol_bars(frame, rows, metric: str = "image_auroc", size: float = 3.4) -
     return fig
 
 
+def budget_panels(frame, methods: dict, metric: str = "image_auroc", size: float = 3.2) -> Figure:
+    """One panel per training budget (``steps``, shortest first): each method's AUROC against the noise ratio, a thin
+    line per seed (same seed = same noisy split) and a thick one through the means over seeds -- how a comparison
+    such as TrustMAE against *w/o TR* changes when the same cells are trained longer.
+
+    Args:
+        frame: one row per result (e.g. :func:`trustmae_lib.study.report.diagnostics_frame`) with ``method, noise,
+            seed, steps`` and ``metric``.
+        methods: method name -> label, in drawing order.
+    """
+    sel = frame[frame["method"].isin(list(methods))].dropna(subset=[metric])
+    budgets = sorted(sel["steps"].unique())
+    fig, axes = plt.subplots(1, max(1, len(budgets)), figsize=(size * max(1, len(budgets)), size * 1.05),
+                             squeeze=False, sharey=True, layout="constrained")  # fmt: skip
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, steps in zip(axes[0], budgets, strict=False):
+        part = sel[sel["steps"] == steps]
+        noises = sorted(part["noise"].unique())
+        for k, (method, label) in enumerate(methods.items()):
+            table = part[part["method"] == method].pivot_table(index="seed", columns="noise", values=metric) * 100
+            if table.empty:
+                continue
+            table = table.reindex(columns=noises)
+            x = np.arange(len(noises)) + (k - (len(methods) - 1) / 2) * 0.06  # side by side, not on top
+            for _, seed_row in table.iterrows():
+                ax.plot(x, seed_row.to_numpy(), color=colours[k % len(colours)], lw=0.8, alpha=0.35, marker="o", ms=2.5)
+            ax.plot(x, table.mean().to_numpy(), color=colours[k % len(colours)], lw=2.2, marker="o", ms=5,
+                    label=f"{label} (mean of {len(table)} seeds)")  # fmt: skip
+        ax.set_xticks(range(len(noises)), [f"{round(100 * n)} %" for n in noises], fontsize=PHONE_FONT - 2)
+        ax.set_xlim(-0.4, len(noises) - 0.6)
+        ax.set_xlabel("noise ratio", fontsize=PHONE_FONT - 1)
+        ax.set_title(f"{int(steps)} steps", fontsize=PHONE_FONT)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].set_ylabel(f"{_metric_label(metric)} (%)", fontsize=PHONE_FONT - 1)
+    handles, names = axes[0, -1].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, names, loc="outside lower center", ncols=len(names), fontsize=PHONE_FONT - 2,
+                   frameon=False)  # fmt: skip
+    return fig
+
+
 def drop_bars(drops, size: float = 3.6) -> Figure:
     """Bars of the AUROC drop from the cleanest to the noisiest setting per method (ours, with the seed std), beside
     the paper's drop from 5 % to 40 % where it has one (:func:`trustmae_lib.study.report.drop_table`)."""
