@@ -1,11 +1,15 @@
-"""The committed noise-study results (`results/cpu/`, `results/cpu_readings/`) are current and reproducible.
+"""The committed noise-study results (the result folders of the sweeps in :data:`COMMITTED`) are current and
+reproducible.
 
 * every cell of the committed sweeps has a result file whose config hash matches today's code -- a change to the
   library version, a profile, the loss weights or a run's spec makes this fail until the results are recomputed;
 * one cell, recomputed from scratch here (same seed, one thread, CPU), gives exactly the committed numbers when this
   machine is the platform that wrote them (same CPU model, ISA level, torch build, thread count:
-  :func:`trustmae_lib.utils.same_platform`), and numbers within the committed seed spread of the cell's group
-  elsewhere -- floating-point results are bit-identical only on one platform. The test says which check it made.
+  :func:`trustmae_lib.utils.same_platform`) and the library is the version that wrote them, and numbers within the
+  committed seed spread of the cell's group elsewhere -- floating-point results are bit-identical only on one
+  platform, and a change verified bit-exact on one machine may sum in another order on another (chapter 14's changes
+  5 and 6 are exact on the Intel Xeon that measured them, not on an AMD EPYC with native bf16). The test says which
+  check it made.
 """
 
 from __future__ import annotations
@@ -51,11 +55,11 @@ COMMITTED = (
     "sweep_cpu_seeds",
     "sweep_cpu_seeds_disjoint",
 )
-#: The cell recomputed from scratch: TrustMAE with the trust region at 10 % noise (re-drawn defects included), in the
-#: first study's settings (the supplement-literal reading, the float32 NCHW path: the defaults up to 0.1.0).
-CELL = RunSpec(dataset="synthetic", category="widget", noise_ratio=0.1, method="trustmae", profile="cpu", seed=0,
-               steps=300, reading="", fast=False)  # fmt: skip
-CELL_SWEEP = "sweep_cpu"
+#: The cell recomputed from scratch: a cell of the core study in the library's default configuration -- TrustMAE
+#: with the learned memory (`ema`) and the speed path (`fast`), at 40 % noise under `overlap`.
+CELL = RunSpec(dataset="synthetic", category="widget", noise_ratio=0.4, method="trustmae", profile="cpu", seed=0,
+               steps=300, reading="ema", fast=True)  # fmt: skip
+CELL_SWEEP = "sweep_cpu_core"
 
 
 @pytest.mark.parametrize("name", COMMITTED)
@@ -85,9 +89,10 @@ def _group(config, cell: RunSpec) -> list[dict]:
 
 
 def agreement(fresh: dict, committed: dict, group: list[dict]) -> tuple[str, list[str]]:
-    """``("exact" | "seed spread", problems)``: exact equality of every metric on the platform that wrote the file,
-    else every AUROC within :data:`SPREAD_SIGMAS` standard deviations of the group's committed seeds."""
-    if same_platform(fresh.get("platform"), committed.get("platform")):
+    """``("exact" | "seed spread", problems)``: exact equality of every metric on the platform and library version that
+    wrote the file, else every AUROC within :data:`SPREAD_SIGMAS` standard deviations of the group's committed seeds."""
+    same_code = fresh.get("library_version") == committed.get("library_version")
+    if same_code and same_platform(fresh.get("platform"), committed.get("platform")):
         return "exact", ([] if fresh["metrics"] == committed["metrics"] else ["metrics differ on the same platform"])
     problems = []
     for variant, entry in fresh["metrics"].items():
@@ -121,6 +126,11 @@ def test_agreement_is_exact_on_one_platform_and_within_the_spread_elsewhere():
     assert agreement({"metrics": metrics(0.83), "platform": bf16}, committed, group)[0] == "seed spread"
     no_bf16 = {**committed, "platform": {**bf16, "native_bf16": False}}
     assert agreement({"metrics": metrics(0.83), "platform": bf16}, no_bf16, group)[0] == "seed spread"
+    # the same platform, another library version: its float path may differ (chapter 14, changes 5 and 6 on an AMD EPYC)
+    old = {**committed, "library_version": "0.1.0"}
+    newer = {"metrics": metrics(0.85), "platform": there, "library_version": "0.2.1"}
+    assert agreement(newer, old, group) == ("seed spread", [])
+    assert agreement({**newer, "library_version": "0.1.0"}, old, group)[0] == "exact"
 
 
 @pytest.mark.slow
