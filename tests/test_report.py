@@ -318,3 +318,25 @@ def test_budget_panels_draw_one_panel_per_budget_with_seed_lines_and_means():
     means = {line.get_label(): line.get_ydata() for line in long.get_lines() if "mean" in line.get_label()}
     assert means["TrustMAE (mean of 3 seeds)"] == pytest.approx([86.0, 86.0])
     assert means["w/o TR (mean of 3 seeds)"] == pytest.approx([86.0, 82.0])
+
+
+def test_budget_panels_draw_one_row_per_category():
+    import matplotlib
+    import pandas as pd
+
+    matplotlib.use("Agg")
+    from trustmae_lib.study import viz
+
+    rows = [{"category": c, "method": "trustmae", "noise": n, "seed": s, "steps": steps,
+             "image_auroc": base + (0.05 if steps == 1200 else 0.0) + 0.01 * s}
+            for c, base in (("synthetic/widget", 0.9), ("elpv/mono", 0.8)) for steps in (300, 1200)
+            for n in (0.0, 0.4) for s in (0, 1)]  # fmt: skip
+    fig = viz.budget_panels(pd.DataFrame(rows), {"trustmae": "TrustMAE"})
+    assert [ax.get_title() for ax in fig.axes] == [
+        "elpv/mono, 300 steps",
+        "elpv/mono, 1200 steps",
+        "synthetic/widget, 300 steps",
+        "synthetic/widget, 1200 steps",
+    ]
+    means = [next(line.get_ydata() for line in ax.get_lines() if "mean" in line.get_label()) for ax in fig.axes]
+    assert means[1] == pytest.approx([85.5, 85.5]) and means[2] == pytest.approx([90.5, 90.5])

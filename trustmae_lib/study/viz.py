@@ -247,39 +247,46 @@ def protocol_bars(frame, rows, metric: str = "image_auroc", size: float = 3.4) -
 
 
 def budget_panels(frame, methods: dict, metric: str = "image_auroc", size: float = 3.2) -> Figure:
-    """One panel per training budget (``steps``, shortest first): each method's AUROC against the noise ratio, a thin
-    line per seed (same seed = same noisy split) and a thick one through the means over seeds -- how a comparison
-    such as TrustMAE against *w/o TR* changes when the same cells are trained longer.
+    """One panel per training budget (``steps``, shortest first) and, where the frame holds several categories, one
+    row per category: each method's AUROC against the noise ratio, a thin line per seed (same seed = same noisy split)
+    and a thick one through the means over seeds -- how a comparison such as TrustMAE against *w/o TR* changes when
+    the same cells are trained longer.
 
     Args:
         frame: one row per result (e.g. :func:`trustmae_lib.study.report.diagnostics_frame`) with ``method, noise,
-            seed, steps`` and ``metric``.
+            seed, steps`` and ``metric`` (and ``category`` for one row of panels per category).
         methods: method name -> label, in drawing order.
     """
     sel = frame[frame["method"].isin(list(methods))].dropna(subset=[metric])
     budgets = sorted(sel["steps"].unique())
-    fig, axes = plt.subplots(1, max(1, len(budgets)), figsize=(size * max(1, len(budgets)), size * 1.05),
-                             squeeze=False, sharey=True, layout="constrained")  # fmt: skip
+    categories = sorted(sel["category"].unique()) if "category" in sel else [None]
+    n_rows, n_cols = max(1, len(categories)), max(1, len(budgets))
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(size * n_cols, size * 1.05 * n_rows), squeeze=False,
+                             sharey="row", layout="constrained")  # fmt: skip
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, steps in zip(axes[0], budgets, strict=False):
-        part = sel[sel["steps"] == steps]
-        noises = sorted(part["noise"].unique())
-        for k, (method, label) in enumerate(methods.items()):
-            table = part[part["method"] == method].pivot_table(index="seed", columns="noise", values=metric) * 100
-            if table.empty:
-                continue
-            table = table.reindex(columns=noises)
-            x = np.arange(len(noises)) + (k - (len(methods) - 1) / 2) * 0.06  # side by side, not on top
-            for _, seed_row in table.iterrows():
-                ax.plot(x, seed_row.to_numpy(), color=colours[k % len(colours)], lw=0.8, alpha=0.35, marker="o", ms=2.5)
-            ax.plot(x, table.mean().to_numpy(), color=colours[k % len(colours)], lw=2.2, marker="o", ms=5,
-                    label=f"{label} (mean of {len(table)} seeds)")  # fmt: skip
-        ax.set_xticks(range(len(noises)), [f"{round(100 * n)} %" for n in noises], fontsize=PHONE_FONT - 2)
-        ax.set_xlim(-0.4, len(noises) - 0.6)
-        ax.set_xlabel("noise ratio", fontsize=PHONE_FONT - 1)
-        ax.set_title(f"{int(steps)} steps", fontsize=PHONE_FONT)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0, 0].set_ylabel(f"{_metric_label(metric)} (%)", fontsize=PHONE_FONT - 1)
+    for row, category in zip(axes, categories, strict=False):
+        of_category = sel if category is None else sel[sel["category"] == category]
+        for ax, steps in zip(row, budgets, strict=False):
+            part = of_category[of_category["steps"] == steps]
+            noises = sorted(part["noise"].unique())
+            for k, (method, label) in enumerate(methods.items()):
+                table = part[part["method"] == method].pivot_table(index="seed", columns="noise", values=metric) * 100
+                if table.empty:
+                    continue
+                table = table.reindex(columns=noises)
+                x = np.arange(len(noises)) + (k - (len(methods) - 1) / 2) * 0.06  # side by side, not on top
+                for _, seed_row in table.iterrows():
+                    ax.plot(x, seed_row.to_numpy(), color=colours[k % len(colours)], lw=0.8, alpha=0.35, marker="o",
+                            ms=2.5)  # fmt: skip
+                ax.plot(x, table.mean().to_numpy(), color=colours[k % len(colours)], lw=2.2, marker="o", ms=5,
+                        label=f"{label} (mean of {len(table)} seeds)")  # fmt: skip
+            ax.set_xticks(range(len(noises)), [f"{round(100 * n)} %" for n in noises], fontsize=PHONE_FONT - 2)
+            ax.set_xlim(-0.4, len(noises) - 0.6)
+            ax.set_xlabel("noise ratio", fontsize=PHONE_FONT - 1)
+            title = f"{int(steps)} steps"
+            ax.set_title(title if len(categories) < 2 else f"{category}, {title}", fontsize=PHONE_FONT)
+            ax.grid(axis="y", alpha=0.3)
+        row[0].set_ylabel(f"{_metric_label(metric)} (%)", fontsize=PHONE_FONT - 1)
     handles, names = axes[0, -1].get_legend_handles_labels()
     if handles:
         fig.legend(handles, names, loc="outside lower center", ncols=len(names), fontsize=PHONE_FONT - 2,
