@@ -116,11 +116,14 @@ scoring-validation: $(STAMP)
 memory-budget: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_steps1200 --fresh --jobs 2
 
-# The noise study's first piece at that budget (chapter 12): TrustMAE and w/o TR on elpv/mono, clean and at 40 %, five
-# seeds, 1200 steps (its clean TrustMAE cells are memory-budget's, same files); and TrustMAE clean on the brick
-# texture at 1200 steps (chapter 4).
+# The noise study's core at that budget (chapter 12): TrustMAE and w/o TR on the widget and elpv/mono, clean and at
+# 40 %, five seeds, 1200 steps, under both protocols (its clean overlap TrustMAE cells on elpv/mono are
+# memory-budget's, same files); the baselines at 1200 steps under overlap, three seeds (chapter 13); and TrustMAE clean
+# on the brick texture at 1200 steps (chapter 4).
 memory-1200: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory1200 --fresh --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_memory1200_disjoint --fresh --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_baselines1200 --fresh --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_texture1200 --fresh --jobs 2
 
 memory: $(STAMP)
