@@ -48,6 +48,7 @@ COMMITTED = (
     "sweep_cpu_memory_steps1200",
     "sweep_cpu_memory1200",
     "sweep_cpu_memory1200_disjoint",
+    "sweep_cpu_baselines1200",
     "sweep_cpu_memory_texture1200",
     "sweep_cpu_memory_lr_steps_validation",
     "sweep_cpu_memae_validation",
