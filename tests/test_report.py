@@ -250,6 +250,23 @@ def test_memory_study_table_pairs_by_seed_with_intervals():
         report.memory_study_table(frame, "ema8")
 
 
+def test_noise_change_pairs_seeds_over_complete_categories():
+    slope = {"widget": 0.1, "mono": 0.3}  # AUROC lost per unit of noise, plus 0.01 per seed
+    results = [_diag_result("memae", n, seed, 0.9 - n * (slope[cat] + 0.01 * seed), category=cat)
+               for seed in range(3) for n in (0.0, 0.2, 0.4) for cat in slope]  # fmt: skip
+    results.append(_diag_result("memae", 0.0, 3, 0.99))  # seed 3: widget clean only -> no pair, left out
+    results.append(_diag_result("memae", 0.4, 4, 0.10, category="mono"))  # seed 4: mono noisy only
+    results.append(_diag_result("memae", 0.0, 4, 0.90, category="mono"))  # ... and clean, but no widget
+    frame = report.diagnostics_frame(results)
+    change = report.noise_change(frame)
+    assert list(change.index) == [0, 1, 2]
+    # 40 % minus clean in points per seed, the mean of widget (-4 - 0.4 seed) and mono (-12 - 0.4 seed)
+    assert change.tolist() == pytest.approx([-8.0, -8.4, -8.8])
+    assert report.noise_change(frame, high=0.2).tolist() == pytest.approx([-4.0, -4.2, -4.4])
+    with pytest.raises(Exception, match="noise 0.0 and 0.3"):
+        report.noise_change(frame, high=0.3)
+
+
 def test_study_readings_pick_the_core_studys_cells():
     """The core study trains TrustMAE and w/o TR under `ema` and MemAE under `shrink2m_lr2e3`: its rows must read those
     cells, not the library-reading cells that share a folder with them."""

@@ -38,6 +38,7 @@ __all__ = [
     "results_table",
     "drop_table",
     "paper_reference",
+    "noise_change",
     "paired_gap",
     "claims",
     "readings_table",
@@ -459,6 +460,23 @@ def mean_ci(values, level: float = 0.95) -> tuple[float, float, float, int]:
         return mean, float("nan"), float("nan"), n
     half = float(stats.t.ppf(0.5 + level / 2, n - 1) * values.std(ddof=1) / np.sqrt(n))
     return mean, mean - half, mean + half, n
+
+
+def noise_change(frame: pd.DataFrame, low: float = 0.0, high: float = 0.4, metric: str = "image_auroc") -> pd.Series:
+    """Claim 2's change per seed: ``metric`` at noise ``high`` minus at ``low``, in points, on the mean over the
+    frame's categories (``dataset/category``; filter the frame to one method and reading first).
+
+    Paired by seed (same seed = same noisy split); a seed that lacks a category at either level is left out, so that
+    every value averages the same categories. Feed the result (or a difference of two) to :func:`mean_ci`.
+    """
+    part = frame.dropna(subset=[metric])
+    part = part[part["noise"].isin([low, high])]
+    if part.empty or set(part["noise"]) != {low, high}:
+        raise TrustMAEError(f"noise_change needs results at noise {low} and {high}: found {sorted(set(part['noise']))}")
+    column = part["dataset"] + "/" + part["category"] if "dataset" in part else part["category"]
+    wide = part.assign(column=column).pivot_table(index="seed", columns=["noise", "column"], values=metric)
+    wide = wide.reindex(columns=pd.MultiIndex.from_product([[low, high], sorted(set(column))])).dropna()
+    return (wide[high].mean(axis=1) - wide[low].mean(axis=1)) * 100
 
 
 def ci_verdict(low: float, high: float, n: int) -> str:
