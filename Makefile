@@ -126,6 +126,7 @@ memory-1200: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu_baselines1200 --fresh --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_baselines1200_disjoint --fresh --jobs 2
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory_texture1200 --fresh --jobs 2
+	$(PY) -m trustmae_lib sweep sweep_cpu_memory_textures1200 --fresh --jobs 2
 
 memory: $(STAMP)
 	$(PY) -m trustmae_lib sweep sweep_cpu_memory --fresh --jobs 2
