@@ -266,4 +266,4 @@ def test_folding_batchnorm_keeps_the_features_and_their_input_gradient_and_remov
     # A broken fold (e.g. the BatchNorm's shift dropped) moves the features by far more than rounding.
     bad = load_efficientnet_lite0(pretrained=True)
     bad.net._bn0.bias.data.zero_()
-    assert max(float((a - b).abs().max()) for a, b in zip(bad(x.detach()), fa, strict=True)) > 1e-2
+    assert max(float((a - b).detach().abs().max()) for a, b in zip(bad(x.detach()), fa, strict=True)) > 1e-2
