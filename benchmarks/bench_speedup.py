@@ -26,13 +26,17 @@ The arms are timed **interleaved** (one step of each in turn, ``--repeats`` roun
 whose speed drifts -- a shared host -- slows every arm alike; the median of each arm is reported. This is done at
 each thread count of ``--thread-counts`` (2: one run on 2 cores, as ``bench_train``; 1: one worker of a ``--jobs 2``
 sweep).
-The float32 and bf16 matmul limits are measured in the same process at each thread count. Then the PyTorch
+The float32 and bf16 matmul limits are measured in the same process at each thread count. On a shared machine the
+ratio of two arms moves from one such measurement to the next, so the measurement at the first thread count is
+repeated ``--runs`` times (default 3; the repeats leave out the compile arm): ``runs`` keeps every run's speed-ups and
+``speedup_default_median`` their median. Then the PyTorch
 profiler attributes one step of ``before``, ``after`` and ``default`` to the parts of the network
 (:mod:`profile_step`).
 
 Writes ``results/bench/speedup.json``: ``before_ms``, ``after_ms``, ``speedup``, ``ratio_to_matmul`` (of the
-after arm, at the first thread count), ``default_ms`` and ``speedup_default`` (the default configuration against
-``before``), ``ratio_to_matmul_default``, every arm at every thread count, the parts, and the machine block.
+after arm, at the first thread count, first run), ``default_ms`` and ``speedup_default`` (the default configuration
+against ``before``), ``ratio_to_matmul_default``, every arm at every thread count, the repeated runs, the parts, and
+the machine block.
 
 Usage::
 
@@ -142,6 +146,16 @@ def measure_threads(threads: int, names, profile, device, args) -> dict:
     return {"threads": threads, "limits": lim, "cpu_utilisation": meter.utilisation, **idle, "arms": rows}
 
 
+def run_summary(row: dict) -> dict:
+    """The speed-ups of one interleaved measurement (:func:`measure_threads`'s row)."""
+    arms = row["arms"]
+    return {"before_ms": arms["before"]["step_ms"], "default_ms": arms["default"]["step_ms"],
+            "after_ms": arms["after"]["step_ms"], "speedup_default": arms["default"]["speedup"],
+            "speedup": arms["after"]["speedup"], "ratio_to_matmul_default": arms["default"]["ratio_to_matmul"],
+            "float32_limit_gflops": round(row["limits"]["float32"]["gflops"], 2),
+            "cpu_utilisation": row["cpu_utilisation"]}  # fmt: skip
+
+
 def parts(profile, device, warmup: int) -> dict:
     """Forward and backward milliseconds per part of the network, ``before``, ``after`` and ``default`` (one
     profiled step each; ``before`` here is 0.1.0's default without undoing the exact changes)."""
@@ -164,6 +178,12 @@ def parse_args(argv=None):
     p.set_defaults(repeats=30, warmup=2)
     p.add_argument("--profile", default="cpu", help="the profile whose step is measured (default cpu)")
     p.add_argument("--thread-counts", type=int, nargs="+", default=[2, 1], help="CPU threads of each measurement")
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=3,
+        help="interleaved measurements at the first thread count (default 3; their median is reported)",
+    )
     p.add_argument("--no-parts", action="store_true", help="skip the profiled per-part step")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile arm (compiles for minutes)")
     return p.parse_args(argv)
@@ -171,6 +191,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.runs < 1:
+        raise SystemExit(f"--runs must be at least 1, got {args.runs}")
     device = common.setup_run(args)
     if device.type != "cpu":
         raise SystemExit("bench_speedup.py measures the CPU step; run it with --device cpu")
@@ -179,12 +201,18 @@ def main(argv=None) -> int:
     machine = common.machine_info(device)
     machine["native_bf16"] = native_bf16()
     common.log(f"bench_speedup: {machine['cpu']} ({machine['cpu_capability']}, native bf16 {machine['native_bf16']})")
-    rows = []
+    rows, repeats = [], []
     for threads in args.thread_counts:
         row = measure_threads(threads, names, profile, device, args)
         rows.append(row)
         shown = ", ".join(f"{k} {v['step_ms']:.0f} ms (x{v['speedup']:.2f})" for k, v in row["arms"].items())
         common.log(f"  {threads} thread(s): {shown}; float32 limit {row['limits']['float32']['gflops']:.0f} GFLOP/s")
+        if not repeats:  # the first thread count, measured again (the ratio moves between runs on a shared machine)
+            eager = [n for n in names if not n.endswith("compile")]
+            repeats = [row] + [measure_threads(threads, eager, profile, device, args) for _ in range(args.runs - 1)]
+            runs = [run_summary(r) for r in repeats]
+            shown = ", x".join(f"{r['speedup_default']:.2f}" for r in runs)
+            common.log(f"  default x{shown} in {len(runs)} runs")
     torch.set_num_threads(args.thread_counts[0])
     first = rows[0]
     payload = {
@@ -219,12 +247,16 @@ def main(argv=None) -> int:
         "float32_limit_gflops": round(first["limits"]["float32"]["gflops"], 2),
         "bfloat16_limit_gflops": round(first["limits"]["bfloat16"]["gflops"], 2),
         "by_threads": rows,
+        "runs": runs,
+        "speedup_default_median": round(statistics.median(r["speedup_default"] for r in runs), 3),
+        "speedup_median": round(statistics.median(r["speedup"] for r in runs), 3),
         "parts": None if args.no_parts else parts(profile, device, args.warmup),
         "args": vars(args),
     }
     path = common.write_result(args.out, "speedup", machine, payload)
     common.log(
-        f"  default x{payload['speedup_default']:.2f} ({payload['before_ms']:.0f} -> {payload['default_ms']:.0f} ms)"
+        f"  default x{payload['speedup_default']:.2f} ({payload['before_ms']:.0f} -> {payload['default_ms']:.0f} ms); "
+        f"median of {len(runs)} runs x{payload['speedup_default_median']:.2f}"
     )
     common.log(f"  speedup x{payload['speedup']:.2f} ({payload['before_ms']:.0f} -> {payload['after_ms']:.0f} ms), "
                f"after at {payload['ratio_to_matmul']:.0%} of the float32 matmul limit; wrote {path}")  # fmt: skip

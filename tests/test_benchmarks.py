@@ -174,6 +174,7 @@ def test_profile_step_schema(tmp_path, keep_threads):
 def test_bench_speedup_schema_interleaves_the_arms_and_profiles_both(tmp_path, keep_threads):
     out = tmp_path / "speedup.json"
     args = ["--profile", "smoke", "--thread-counts", "1", "--out", str(out), "--matmul-size", "128", "--no-compile"]
+    args += ["--runs", "2"]
     assert _load("bench_speedup").main(args + ["--repeats", "2", "--warmup", "0", "--wait-idle", "0"]) == 0
     data = json.loads(out.read_text())
     assert data["kind"] == "speedup" and data["profile"] == "smoke" and data["threads"] == 1
@@ -193,6 +194,12 @@ def test_bench_speedup_schema_interleaves_the_arms_and_profiles_both(tmp_path, k
     assert data["before_ms"] == row["arms"]["before"]["step_ms"] and data["after_ms"] == row["arms"]["after"]["step_ms"]
     assert math.isclose(data["speedup"], data["before_ms"] / data["after_ms"], rel_tol=1e-2)
     assert data["float32_limit_gflops"] > 0 and 0 < data["ratio_to_matmul"]
+    # The first thread count is measured twice (--runs 2): the first run is the headline, the median is of both.
+    first, second = data["runs"]
+    assert (first["before_ms"], first["default_ms"]) == (data["before_ms"], data["default_ms"])
+    assert second["before_ms"] > 0 and second["default_ms"] > 0
+    low, high = sorted(r["speedup_default"] for r in data["runs"])
+    assert low <= data["speedup_default_median"] <= high
     # Folding BatchNorm removes no convolution: both arms count the same conv FLOPs (BatchNorm is not counted).
     assert math.isclose(row["arms"]["after"]["gflop_per_step"], row["arms"]["before"]["gflop_per_step"], rel_tol=1e-3)
     before, after = ({p["part"]: p for p in data["parts"][k]["parts"]} for k in ("before", "after"))
